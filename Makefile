@@ -1,0 +1,42 @@
+# Quick start: `make train` (the default job) and `make test` (the test suite).
+# Each target creates .venv and installs what is missing on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test test-all lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, so a CPU-only machine never pulls a multi-GB CUDA build: a GPU machine takes
+	@# PyPI's default build; otherwise a local wheel if one is configured, else the CPU index.
+	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "torch>=2.4"; \
+	else $(PY) -m pip install --no-index "torch==2.13.0" 2>/dev/null \
+	  || $(PY) -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu; fi
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/opsd-train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) .cache outputs .pytest_cache

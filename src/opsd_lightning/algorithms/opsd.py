@@ -1,0 +1,81 @@
+"""On-Policy Self-Distillation: one model, a student context and a teacher context.
+
+training_step, per micro-batch (see `PolicyModule` for the step-level reduction):
+    raw text -> student / teacher prompt ids (chat template, left-padded)
+             -> rollout from the student prompt (eval mode, no grad, seeded)
+             -> [teacher prompt | completion] scored by the teacher (no grad, no dropout)
+             -> [student prompt | completion] scored by the student (grad)
+             -> per-token divergence on every completion token (EOS included, pads masked)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
+from opsd_lightning.contexts import build_scoring_batch
+from opsd_lightning.losses import Divergence, masked_token_sum
+from opsd_lightning.rollout import eval_mode
+from opsd_lightning.teachers import DynamicTeacher, Teacher
+
+
+class OPSDModule(PolicyModule):
+    """OPSD LightningModule.
+
+    Args (beyond `PolicyModule`'s):
+        divergence: per-token divergence D(p_T ‖ p_S) (`conf/divergence/`).
+        teacher: which weights score the teacher context (`conf/teacher/`: dynamic, fixed, ema).
+        mask_truncated: drop rollouts that hit `max_new_tokens` without EOS from the loss
+            (they are always counted and logged as `train/truncation_rate`).
+    """
+
+    def __init__(
+        self,
+        *args,
+        divergence: Divergence,
+        teacher: Teacher | None = None,
+        mask_truncated: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.divergence = divergence
+        self.teacher = teacher if teacher is not None else DynamicTeacher()
+        self.teacher.attach(self.model)
+        self.mask_truncated = mask_truncated
+
+    def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
+        student_prompt = self.contexts.student_batch(batch["problem"]).to(self.device)
+        teacher_prompt = self.contexts.teacher_batch(batch["problem"], batch["solution"]).to(self.device)
+
+        rollout = self.rollout(student_prompt, self.sampling, seed=self.rollout_seed(micro_index))
+        generated = self.count_generated(rollout)
+        loss_mask = rollout.completion_mask
+        if self.mask_truncated:
+            loss_mask = loss_mask & ~rollout.truncated[:, None]
+
+        student_batch = build_scoring_batch(student_prompt, rollout.completion_ids, rollout.completion_mask)
+        teacher_batch = build_scoring_batch(teacher_prompt, rollout.completion_ids, rollout.completion_mask)
+        with (
+            torch.no_grad(),
+            self.teacher.scoring_model(self.model) as teacher_model,
+            eval_mode(teacher_model),
+        ):
+            teacher_logits = completion_logits(teacher_model, teacher_batch)
+        student_logits = completion_logits(self.model, student_batch)
+
+        per_token = self.divergence.per_token(
+            student_logits[loss_mask], teacher_logits[loss_mask], rollout.completion_ids[loss_mask]
+        )
+        loss_sum, num_tokens = masked_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool))
+        stats = {
+            "completion_length": float(rollout.lengths.float().mean()),
+            "truncation_rate": float(rollout.truncated.float().mean()),
+            "divergence": float(loss_sum.detach()) / max(int(num_tokens), 1),
+            "rollout_tokens_per_s": generated / max(rollout.seconds, 1e-9) / self.trainer.world_size,
+        }
+        return MicroBatchLoss(loss_sum=loss_sum, num_tokens=num_tokens, stats=stats)
+
+    def after_optimizer_step(self) -> None:
+        self.teacher.after_optimizer_step(self.model)

@@ -1,0 +1,285 @@
+"""Raw-text data modules: every batch is `{"problem", "solution", "answer"}` as lists of str.
+
+Chat templates and tokenization happen in the algorithm module, so data modules stay tokenizer-free and
+any source that yields these three fields can be swapped in from the `data` config group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from datasets import Dataset, load_dataset
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("problem", "solution")
+OPTIONAL_FIELDS = ("answer",)
+
+_DEFAULT_COLUMNS: dict[str, str | None] = {field: field for field in REQUIRED_FIELDS + OPTIONAL_FIELDS}
+_FORMAT_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Rows are read from Arrow in blocks so a `max_*_samples` cap stops early on a large hub dataset.
+_READ_BLOCK_ROWS = 1024
+
+
+def collate_raw_text(rows: list[dict]) -> dict[str, list[str]]:
+    """Turn rows into one batch of parallel lists; a row without `answer` gets ""."""
+    batch = {field: [row[field] for row in rows] for field in REQUIRED_FIELDS}
+    batch.update({field: [row.get(field, "") for row in rows] for field in OPTIONAL_FIELDS})
+    return batch
+
+
+class RawTextDataModule(L.LightningDataModule, ABC):
+    """Base data module: subclasses build the rows, this class batches them as raw text.
+
+    `build_splits` returns (train rows, validation rows), each row a dict with str `problem`, `solution`
+    and `answer`. Training order is shuffled with a generator seeded from `seed`, so it is reproducible
+    and independent of the global RNG; validation and test (the validation rows) keep their order.
+    """
+
+    def __init__(
+        self, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(
+                f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}"
+            )
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_rows: Sequence[dict[str, str]] | None = None
+        self.val_rows: Sequence[dict[str, str]] | None = None
+
+    @abstractmethod
+    def build_splits(self) -> tuple[Sequence[dict[str, str]], Sequence[dict[str, str]]]:
+        """Return (train rows, validation rows); each row has str `problem`, `solution` and `answer`."""
+
+    def setup(self, stage: str | None = None) -> None:
+        # Lightning calls setup for every stage (fit, validate, test); the rows are the same for all.
+        if self.train_rows is None:
+            self.train_rows, self.val_rows = self.build_splits()
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self._rows("train_rows"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_raw_text,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader()
+
+    def _eval_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._rows("val_rows"),
+            batch_size=self.eval_batch_size or self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_raw_text,
+        )
+
+    def _rows(self, attribute: str) -> Sequence[dict[str, str]]:
+        rows = getattr(self, attribute)
+        if rows is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are built")
+        return rows
+
+
+class ReasoningDataModule(RawTextDataModule):
+    """Problems with privileged reference solutions, from local files or a Hugging Face hub dataset.
+
+    Give exactly one of `path` (.jsonl/.json/.parquet/.csv files, all one format) or `name` (a hub id,
+    with `subset` as its config name). `columns` maps our fields to source columns and is merged over the
+    identity mapping; `answer: null` means the source has no answer. A source without an `answer` column
+    gets "" unless `answer` was mapped to another column name, which must then exist. Local files hold
+    one split, "train"; `split` and `val_split` may slice it (e.g. "train[:90%]").
+
+    Validation comes from `val_split` when given, else `val_size` rows (an int count or a float fraction
+    in (0, 1), 0 for none) are held out of `split` with a split seeded by `seed`. Rows whose problem or
+    solution is null are skipped and counted in `num_skipped_rows`; `max_train_samples` and
+    `max_val_samples` cap each side after the split.
+    """
+
+    def __init__(
+        self,
+        path: str | list[str] | None = None,
+        name: str | None = None,
+        subset: str | None = None,
+        split: str = "train",
+        columns: Mapping[str, str | None] | None = None,
+        val_split: str | None = None,
+        val_size: int | float = 0.05,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed
+        )
+        if (path is None) == (name is None):
+            raise ValueError(
+                "ReasoningDataModule needs exactly one of `path` (local files) or `name` (a hub dataset id), "
+                f"got path={path!r} and name={name!r}"
+            )
+        self.data_files, self.file_format = _local_files(path) if path is not None else (None, None)
+        self.name = name
+        self.subset = subset
+        self.split = split
+        self.columns = _merge_columns(columns)
+        self.val_split = val_split
+        self.val_size = _check_val_size(val_size)
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.num_skipped_rows = 0
+
+    @property
+    def source(self) -> str:
+        """The files or hub id the rows come from, for error messages."""
+        if self.data_files is not None:
+            return ", ".join(self.data_files)
+        return self.name if self.subset is None else f"{self.name} (subset {self.subset})"
+
+    def build_splits(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        train_source = self._load(self.split)
+        train_columns = val_columns = self._resolve_columns(train_source)
+        val_source: Dataset | None = None
+        if self.val_split is not None:
+            val_source = self._load(self.val_split)
+            val_columns = self._resolve_columns(val_source)
+        elif self.val_size:
+            if isinstance(self.val_size, int) and self.val_size >= len(train_source):
+                raise ValueError(
+                    f"val_size={self.val_size} leaves no training rows: {self.source} split "
+                    f"{self.split!r} has {len(train_source)} rows"
+                )
+            parts = train_source.train_test_split(test_size=self.val_size, seed=self.seed)
+            train_source, val_source = parts["train"], parts["test"]
+
+        train_rows, train_skipped = _to_rows(train_source, train_columns, self.max_train_samples)
+        val_rows, val_skipped = [], 0
+        if val_source is not None:
+            val_rows, val_skipped = _to_rows(val_source, val_columns, self.max_val_samples)
+        self.num_skipped_rows = train_skipped + val_skipped
+        if self.num_skipped_rows:
+            logger.warning(
+                "Skipped %d rows of %s whose problem or solution is null", self.num_skipped_rows, self.source
+            )
+        if not train_rows:
+            raise ValueError(f"{self.source} has no training rows with a problem and a solution")
+        return train_rows, val_rows
+
+    def _load(self, split: str) -> Dataset:
+        if self.data_files is None:
+            return load_dataset(self.name, self.subset, split=split)
+        try:
+            return load_dataset(self.file_format, data_files=self.data_files, split=split)
+        except Exception as err:
+            # The datasets error rarely says which of the files it could not parse.
+            raise ValueError(
+                f"Cannot read {self.source} as {self.file_format} (split {split!r}): {err}"
+            ) from err
+
+    def _resolve_columns(self, dataset: Dataset) -> dict[str, str | None]:
+        """Our field -> source column, with `answer` None when the source has none; raises on a gap."""
+        available = dataset.column_names
+        resolved = dict(self.columns)
+        if resolved["answer"] not in available and resolved["answer"] == _DEFAULT_COLUMNS["answer"]:
+            resolved["answer"] = None
+        for field, column in resolved.items():
+            if column is not None and column not in available:
+                raise ValueError(
+                    f"{self.source} has no column {column!r} for field {field!r}; available columns: "
+                    f"{available}. Map it with `columns: {{{field}: <column>}}`."
+                )
+        return resolved
+
+
+def _local_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], str]:
+    """Check that every file exists and that all share one supported format; return (files, format)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise ValueError("`path` is an empty list; give at least one data file")
+    files, formats = [], set()
+    for entry in paths:
+        file = Path(entry).expanduser()
+        file_format = _FORMAT_BY_SUFFIX.get(file.suffix.lower())
+        if file_format is None:
+            raise ValueError(
+                f"Cannot infer the format of {file}: supported extensions are {sorted(_FORMAT_BY_SUFFIX)}"
+            )
+        if not file.is_file():
+            raise FileNotFoundError(f"Data file not found: {file}")
+        files.append(str(file))
+        formats.add(file_format)
+    if len(formats) > 1:
+        raise ValueError(f"All data files must share one format, got {sorted(formats)} for {files}")
+    return files, formats.pop()
+
+
+def _merge_columns(columns: Mapping[str, str | None] | None) -> dict[str, str | None]:
+    overrides = dict(columns or {})
+    unknown = sorted(set(overrides) - set(_DEFAULT_COLUMNS))
+    if unknown:
+        raise ValueError(f"Unknown fields {unknown} in `columns`; the fields are {list(_DEFAULT_COLUMNS)}")
+    merged = {**_DEFAULT_COLUMNS, **overrides}
+    for field in REQUIRED_FIELDS:
+        if merged[field] is None:
+            raise ValueError(f"`columns.{field}` cannot be null: every row needs a {field}")
+    return merged
+
+
+def _check_val_size(val_size: int | float) -> int | float:
+    if isinstance(val_size, float) and not 0.0 <= val_size < 1.0:
+        raise ValueError(f"A fractional val_size must be in [0, 1), got {val_size}")
+    if isinstance(val_size, int) and val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+    return val_size
+
+
+def _iter_rows(dataset: Dataset, columns: Mapping[str, str | None]) -> Iterator[dict[str, str] | None]:
+    """Yield each source row with our fields as str, or None when its problem or solution is null."""
+    used = list(dict.fromkeys(column for column in columns.values() if column is not None))
+    for block in dataset.select_columns(used).iter(batch_size=_READ_BLOCK_ROWS):
+        for index in range(len(block[used[0]])):
+            values = {
+                field: None if column is None else block[column][index] for field, column in columns.items()
+            }
+            if any(values[field] is None for field in REQUIRED_FIELDS):
+                yield None
+            else:
+                yield {field: "" if value is None else str(value) for field, value in values.items()}
+
+
+def _to_rows(
+    dataset: Dataset, columns: Mapping[str, str | None], limit: int | None
+) -> tuple[list[dict[str, str]], int]:
+    """Up to `limit` usable rows of `dataset`, and how many null rows were skipped on the way."""
+    rows: list[dict[str, str]] = []
+    skipped = 0
+    for row in _iter_rows(dataset, columns):
+        if limit is not None and len(rows) >= limit:
+            break
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    return rows, skipped

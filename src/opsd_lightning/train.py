@@ -1,0 +1,134 @@
+"""`opsd-train`: the Hydra app. Compose -> (warm-up) -> validate base -> fit -> validate -> metrics.json.
+
+Returns the configured `optimized_metric` so Hydra sweepers (Optuna, Ax, ...) can optimise it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from opsd_lightning._paths import config_dir
+from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.models import LoadedModel, load_pretrained
+from opsd_lightning.peft_utils import apply_peft
+from opsd_lightning.warmup import WarmupConfig, prepare_tiny_base
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LoadedModel:
+    """The configured model; for the tiny default, the cached warm-up base (trained on first use)."""
+    if cfg.get("warmup") is None:
+        return instantiate(cfg.model)
+    if not str(cfg.model.get("_target_", "")).endswith("build_tiny"):
+        raise ValueError("warmup is only for model=tiny; set warmup=null (or `~warmup`) for other models")
+    held_out = [row["problem"] for row in getattr(datamodule, "val_rows", [])]
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    context_kwargs = OmegaConf.to_container(cfg.context, resolve=True)
+    folder = prepare_tiny_base(model_kwargs, WarmupConfig(**cfg.warmup), context_kwargs, held_out)
+    return load_pretrained(
+        str(folder), dtype="float32", attn_implementation=cfg.model.get("attn_implementation")
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job and return its metrics (also written to `<output_dir>/metrics.json`)."""
+    start = time.perf_counter()
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    loaded = build_model(cfg, datamodule)
+    loaded.model = apply_peft(loaded.model, cfg.get("peft"))
+    contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
+    module = instantiate(
+        cfg.algorithm, model=loaded.model, tokenizer=loaded.tokenizer, contexts=contexts, _convert_="all"
+    )
+
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("validate_before", True):
+        metrics["base"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics["final"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
+    metrics["train"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics["num_val_problems"] = len(getattr(datamodule, "val_rows", []))
+    metrics["optimizer_steps"] = trainer.global_step
+    metrics["generated_tokens"] = module.generated_tokens
+    metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
+    metrics["output_dir"] = str(out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(format_summary(cfg, metrics))
+    return metrics
+
+
+def _first(results: list[dict]) -> dict[str, float]:
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
+    """The short before/after table the main job prints."""
+    names = ["accuracy", "format_rate", "completion_length", "truncation_rate"]
+    rows = [("base", metrics.get("base", {})), ("after OPSD", metrics["final"])]
+    lines = [
+        "",
+        f"Held-out evaluation on {metrics['num_val_problems']} validation problems "
+        f"(temperature {cfg.algorithm.eval_sampling.temperature}; 0 = greedy)",
+        "| model      | " + " | ".join(f"{n:>17}" for n in names) + " |",
+        "|------------|" + "|".join("-" * 19 for _ in names) + "|",
+    ]
+    for label, values in rows:
+        if values:
+            cells = " | ".join(f"{values.get('val/' + n, float('nan')):>17.3f}" for n in names)
+            lines.append(f"| {label:<10} | {cells} |")
+    lines.append(
+        f"{metrics['optimizer_steps']} optimizer steps, {metrics['generated_tokens']} generated tokens, "
+        f"{metrics['wall_seconds']} s wall time. Outputs: {metrics['output_dir']}"
+    )
+    return "\n".join(lines)
+
+
+def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
+    """Look up `optimized_metric`, e.g. `val/accuracy` in the final validation results."""
+    if not name:
+        return None
+    if name in metrics.get("final", {}):
+        return metrics["final"][name]
+    if name in metrics.get("train", {}):
+        return metrics["train"][name]
+    raise KeyError(
+        f"optimized_metric={name!r} is not among the run's metrics: "
+        f"{sorted(metrics.get('final', {})) + sorted(metrics.get('train', {}))}"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return metric_value(train(cfg), cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Raw-text data modules: file formats, column mapping, splits, seeding, null rows and the Hydra config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import pytest
+from datasets import Dataset
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from opsd_lightning.data import (
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    RawTextDataModule,
+    ReasoningDataModule,
+    collate_raw_text,
+)
+from opsd_lightning.data import datamodule as datamodule_module
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path_factory, monkeypatch):
+    # Keep the Arrow caches that load_dataset writes out of the user's ~/.cache.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_cache"))
+
+
+def make_rows(count: int) -> list[dict[str, str]]:
+    return [{"problem": f"p{i}", "solution": f"s{i}", "answer": f"a{i}"} for i in range(count)]
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """Write rows in the format named by the file's extension."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".jsonl":
+        Dataset.from_list(rows).to_json(path)
+    elif path.suffix == ".csv":
+        Dataset.from_list(rows).to_csv(path, index=False)
+    else:
+        Dataset.from_list(rows).to_parquet(path)
+    return path
+
+
+def built(**kwargs) -> ReasoningDataModule:
+    module = ReasoningDataModule(**kwargs)
+    module.setup("fit")
+    return module
+
+
+def batches(loader) -> list[dict[str, list[str]]]:
+    return list(loader)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_each_file_format_loads_in_order(tmp_path, suffix):
+    rows = make_rows(12)
+    module = built(path=str(write_rows(rows, tmp_path / f"data{suffix}")), val_size=0)
+    assert module.train_rows == rows
+    assert module.val_rows == []
+
+
+def test_several_files_are_concatenated(tmp_path):
+    first = write_rows(make_rows(3), tmp_path / "a.jsonl")
+    second = write_rows(make_rows(5), tmp_path / "b.jsonl")
+    assert len(built(path=[str(first), str(second)], val_size=0).train_rows) == 8
+
+
+def test_columns_map_source_names_and_values_become_str(tmp_path):
+    source = [{"question": f"q{i}", "reference": f"r{i}", "final": i} for i in range(4)]
+    path = write_rows(source, tmp_path / "data.jsonl")
+    module = built(
+        path=str(path),
+        columns={"problem": "question", "solution": "reference", "answer": "final"},
+        val_size=0,
+    )
+    assert module.train_rows[1] == {"problem": "q1", "solution": "r1", "answer": "1"}
+
+
+def test_partial_column_override_keeps_the_defaults(tmp_path):
+    source = [{"question": "q", "solution": "s", "answer": "a"}] * 3
+    module = built(
+        path=str(write_rows(source, tmp_path / "data.jsonl")), columns={"problem": "question"}, val_size=0
+    )
+    assert module.train_rows[0] == {"problem": "q", "solution": "s", "answer": "a"}
+
+
+def test_answer_is_optional_unless_mapped_to_a_named_column(tmp_path):
+    no_answer = write_rows([{"problem": "p", "solution": "s"}] * 3, tmp_path / "no_answer.jsonl")
+    assert built(path=str(no_answer), val_size=0).train_rows[0]["answer"] == ""
+
+    with_answer = write_rows(make_rows(3), tmp_path / "with_answer.jsonl")
+    assert built(path=str(with_answer), columns={"answer": None}, val_size=0).train_rows[0]["answer"] == ""
+
+    with pytest.raises(ValueError, match="'final'"):
+        built(path=str(no_answer), columns={"answer": "final"}, val_size=0)
+
+
+def test_missing_required_column_names_file_field_and_available_columns(tmp_path):
+    path = write_rows([{"question": "q", "reference": "r"}] * 3, tmp_path / "data.jsonl")
+    with pytest.raises(ValueError) as info:
+        built(path=str(path), columns={"problem": "question"})
+    message = str(info.value)
+    for expected in (str(path), "'solution'", "question", "reference"):
+        assert expected in message
+
+
+def test_unknown_column_field_is_rejected(tmp_path):
+    path = write_rows(make_rows(3), tmp_path / "data.jsonl")
+    with pytest.raises(ValueError, match="prompt"):
+        ReasoningDataModule(path=str(path), columns={"prompt": "problem"})
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"path": "x.jsonl", "name": "org/data"}])
+def test_exactly_one_of_path_or_name(kwargs):
+    with pytest.raises(ValueError, match="path.*name"):
+        ReasoningDataModule(**kwargs)
+
+
+def test_bad_paths_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        ReasoningDataModule(path=str(tmp_path / "missing.jsonl"))
+
+    unknown = tmp_path / "data.txt"
+    unknown.write_text("hello")
+    with pytest.raises(ValueError, match=r"data\.txt.*\.jsonl"):
+        ReasoningDataModule(path=str(unknown))
+
+    corrupt = tmp_path / "corrupt.jsonl"
+    corrupt.write_text('{"problem": "p", "solution": \n')
+    with pytest.raises(ValueError, match="corrupt.jsonl"):
+        built(path=str(corrupt))
+
+
+def test_validation_size_as_count_fraction_or_none(tmp_path):
+    path = str(write_rows(make_rows(40), tmp_path / "data.jsonl"))
+    by_count = built(path=path, val_size=7)
+    assert (len(by_count.train_rows), len(by_count.val_rows)) == (33, 7)
+    by_fraction = built(path=path, val_size=0.25)
+    assert (len(by_fraction.train_rows), len(by_fraction.val_rows)) == (30, 10)
+    # Held-out rows are not trained on.
+    assert not {row["problem"] for row in by_fraction.val_rows} & {
+        row["problem"] for row in by_fraction.train_rows
+    }
+    with pytest.raises(ValueError, match="val_size"):
+        ReasoningDataModule(path=path, val_size=1.5)
+
+
+def test_max_samples_truncate_after_the_split(tmp_path):
+    path = str(write_rows(make_rows(40), tmp_path / "data.jsonl"))
+    full = built(path=path, val_size=10)
+    capped = built(path=path, val_size=10, max_train_samples=5, max_val_samples=3)
+    assert capped.train_rows == full.train_rows[:5]
+    assert capped.val_rows == full.val_rows[:3]
+
+
+def test_seed_fixes_the_split_and_the_training_order(tmp_path):
+    path = str(write_rows(make_rows(40), tmp_path / "data.jsonl"))
+    first, same, other = (built(path=path, val_size=10, batch_size=4, seed=seed) for seed in (3, 3, 4))
+    assert first.val_rows == same.val_rows
+    assert batches(first.train_dataloader()) == batches(same.train_dataloader())
+    assert first.val_rows != other.val_rows
+    assert batches(first.train_dataloader()) != batches(other.train_dataloader())
+    # Shuffled, not the stored order.
+    assert [p for batch in batches(first.train_dataloader()) for p in batch["problem"]] != [
+        row["problem"] for row in first.train_rows
+    ]
+
+
+def test_null_problems_and_solutions_are_skipped_and_counted(tmp_path, caplog):
+    rows = make_rows(6)
+    rows[1]["problem"] = None
+    rows[4]["solution"] = None
+    rows[5]["answer"] = None
+    path = write_rows(rows, tmp_path / "data.jsonl")
+    with caplog.at_level(logging.WARNING, logger=datamodule_module.__name__):
+        module = built(path=str(path), val_size=0)
+    assert module.num_skipped_rows == 2
+    assert [row["problem"] for row in module.train_rows] == ["p0", "p2", "p3", "p5"]
+    assert module.train_rows[-1]["answer"] == ""
+    assert "Skipped 2 rows" in caplog.text
+
+
+def test_batches_hold_exactly_three_lists_of_str(tmp_path):
+    path = str(write_rows(make_rows(10), tmp_path / "data.parquet"))
+    module = built(path=path, val_size=4, batch_size=4, eval_batch_size=3)
+    train = batches(module.train_dataloader())
+    assert [len(batch["problem"]) for batch in train] == [4, 2]
+    val, test = batches(module.val_dataloader()), batches(module.test_dataloader())
+    assert [len(batch["problem"]) for batch in val] == [3, 1]
+    assert val == test
+    assert [p for batch in val for p in batch["problem"]] == [row["problem"] for row in module.val_rows]
+    for batch in train + val:
+        assert set(batch) == set(FIELDS)
+        assert all(isinstance(value, str) for field in FIELDS for value in batch[field])
+
+
+def test_collate_fills_a_missing_answer():
+    assert collate_raw_text([{"problem": "p", "solution": "s"}]) == {
+        "problem": ["p"],
+        "solution": ["s"],
+        "answer": [""],
+    }
+
+
+def test_base_class_builds_once_and_needs_setup():
+    class CountingDataModule(RawTextDataModule):
+        calls = 0
+
+        def build_splits(self):
+            self.calls += 1
+            return make_rows(5), make_rows(2)
+
+    module = CountingDataModule(batch_size=2)
+    with pytest.raises(RuntimeError, match="setup"):
+        module.train_dataloader()
+    module.setup("fit")
+    module.setup("validate")
+    assert module.calls == 1
+    assert len(batches(module.train_dataloader())) == 3
+    assert len(batches(module.val_dataloader())) == 1
+
+
+def test_hub_dataset_uses_split_names(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return Dataset.from_list(make_rows(6 if split == "train" else 2))
+
+    monkeypatch.setattr(datamodule_module, "load_dataset", fake_load_dataset)
+    module = built(name="org/reasoning", subset="default", val_split="test")
+    assert calls == [("org/reasoning", "default", "train"), ("org/reasoning", "default", "test")]
+    assert (len(module.train_rows), len(module.val_rows)) == (6, 2)
+
+
+def test_hydra_config_loads_the_benchmark_train_sample():
+    sample = BENCHMARKS_DIR / "train_sample.jsonl"
+    if not sample.is_file():
+        pytest.skip(f"{sample} is not present")
+    config = OmegaConf.create(
+        {"seed": 0, "data": OmegaConf.load(REPO_ROOT / "conf" / "data" / "reasoning.yaml")}
+    )
+    config.data.path = str(sample)
+    module = instantiate(config.data)
+    module.setup("fit")
+    assert module.num_skipped_rows == 0
+    assert (len(module.train_rows), len(module.val_rows)) == (380, 20)
+    rows = [*module.train_rows, *module.val_rows]
+    assert all(row["problem"] and row["solution"] and row["answer"] for row in rows)
+    batch = next(iter(module.train_dataloader()))
+    assert set(batch) == set(FIELDS)
+    assert len(batch["problem"]) == 8
