@@ -109,11 +109,11 @@ def build_tiny_tokenizer(
 
 
 def build_tiny(
-    hidden_size: int = 128,
-    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_layers: int = 3,
     num_heads: int = 4,
     num_kv_heads: int = 2,
-    intermediate_size: int = 384,
+    intermediate_size: int = 192,
     max_position_embeddings: int = 1024,
     tokenizer_vocab_size: int = 512,
     checkpoint: str | None = None,

@@ -34,10 +34,11 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LoadedModel:
     """The configured model; for the tiny default, the cached warm-up base (trained on first use)."""
-    if cfg.get("warmup") is None:
+    is_tiny = str(cfg.model.get("_target_", "")).endswith("build_tiny")
+    if not cfg.get("warmup") or not is_tiny or cfg.model.get("checkpoint"):
+        if cfg.get("warmup") and not is_tiny:
+            log.info("warmup applies to model=tiny only; %s is loaded as it is", cfg.model.get("name_or_path"))
         return instantiate(cfg.model)
-    if not str(cfg.model.get("_target_", "")).endswith("build_tiny"):
-        raise ValueError("warmup is only for model=tiny; set warmup=null (or `~warmup`) for other models")
     held_out = [row["problem"] for row in getattr(datamodule, "val_rows", [])]
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     context_kwargs = OmegaConf.to_container(cfg.context, resolve=True)

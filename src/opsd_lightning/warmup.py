@@ -2,9 +2,16 @@
 
 A random tiny model knows nothing, so OPSD would have nothing to distil. The warm-up trains it with
 plain next-token loss on synthetic arithmetic problems in BOTH formats it will meet:
-student context -> reference solution, and teacher context (reference in view) -> the same solution,
-so it learns to solve (a little) and to use a reference in its context (a lot). The result is saved as
-a standard Hugging Face folder keyed by a hash of everything that shapes it, and reused by later runs.
+
+- student context -> its "own" solution, in which each arithmetic step slips (is off by 1-3) with
+  probability `slip_rate`: a stand-in for a real base model's unreliable reasoning;
+- teacher context (the verified reference in view) -> the same kind of slipped chain, but the slipped
+  results are never training targets: with a reference in view it continues whatever chain it is
+  given (as it must when it scores a student's tokens) and computes each step correctly.
+
+So the base is a moderate, unreliable solver on its own and a reliable one with the reference: the
+situation OPSD is made for. The result is saved as a standard Hugging Face folder keyed by a hash of
+everything that shapes it, and reused by later runs.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.contexts import ContextRenderer, left_pad
-from opsd_lightning.data.arith import generate_examples
+from opsd_lightning.data.arith import ArithProblem, generate_problems, slipped_solution
 from opsd_lightning.models import LoadedModel, build_tiny, save_pretrained
 
 log = logging.getLogger(__name__)
-WARMUP_VERSION = 1  # bump when the warm-up recipe changes, so stale caches are not reused
+WARMUP_VERSION = 3  # bump when the warm-up recipe changes, so stale caches are not reused
 
 
 @dataclass
@@ -34,27 +42,36 @@ class WarmupConfig:
 
     cache_dir: str = ".cache/opsd-lightning"
     num_examples: int = 20000
-    steps: int = 600
-    batch_size: int = 32
+    steps: int = 1000
+    batch_size: int = 16
     lr: float = 3e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     teacher_fraction: float = 0.5
+    slip_rate: float = 0.25
     num_steps: tuple[int, ...] = (2, 3)
-    max_start: int = 30
-    max_change: int = 20
+    max_start: int = 12
+    max_change: int = 6
     seed: int = 1234
 
 
 def sft_tensors(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    completion_loss_masks: list[list[bool]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded `[prompt | completion]` with labels only on completion tokens (-100 elsewhere)."""
+    """Left-padded `[prompt | completion]` with labels on completion tokens only (-100 elsewhere);
+    `completion_loss_masks` can drop further completion tokens from the loss."""
     batch = left_pad([p + c for p, c in zip(prompts, completions, strict=True)], pad_id)
     labels = torch.full_like(batch.input_ids, -100)
     width = batch.input_ids.shape[1]
     for row, completion in enumerate(completions):
-        labels[row, width - len(completion) :] = batch.input_ids[row, width - len(completion) :]
+        targets = batch.input_ids[row, width - len(completion) :].clone()
+        if completion_loss_masks is not None:
+            targets[~torch.as_tensor(completion_loss_masks[row], dtype=torch.bool)] = -100
+        labels[row, width - len(completion) :] = targets
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {
         "input_ids": batch.input_ids,
@@ -64,9 +81,10 @@ def sft_tensors(
     }
 
 
-def tokenizer_corpus(examples: list[dict[str, str]], templates: list[str]) -> list[str]:
+def tokenizer_corpus(problems: list[ArithProblem], templates: list[str]) -> list[str]:
     """Text the tiny tokenizer learns its merges from: task text plus the prompt templates."""
-    return [text for example in examples for text in (example["problem"], example["solution"])] + templates
+    # Templates are repeated so their words get merges: they appear in every prompt.
+    return [text for p in problems for text in (p.problem_text(), p.solution_text())] + templates * 200
 
 
 def warmup_fingerprint(
@@ -98,7 +116,7 @@ def prepare_tiny_base(
         log.info("Reusing the cached tiny base model at %s", folder)
         return folder
 
-    examples = generate_examples(
+    problems = generate_problems(
         warmup.num_examples,
         warmup.seed,
         warmup.num_steps,
@@ -107,9 +125,9 @@ def prepare_tiny_base(
         exclude=set(held_out_problems),
     )
     templates = [context_kwargs.get("student_template", ""), context_kwargs.get("teacher_template", "")]
-    loaded = build_tiny(**model_kwargs, corpus=tokenizer_corpus(examples, templates))
+    loaded = build_tiny(**model_kwargs, corpus=tokenizer_corpus(problems, templates))
     renderer = ContextRenderer(loaded.tokenizer, **context_kwargs)
-    final_loss = train_supervised(loaded, renderer, examples, warmup)
+    final_loss = train_supervised(loaded, renderer, problems, warmup)
 
     tmp = folder.with_name(folder.name + ".tmp")
     save_pretrained(loaded, tmp)
@@ -121,10 +139,34 @@ def prepare_tiny_base(
     return folder
 
 
+def warmup_pair(
+    problem: ArithProblem,
+    renderer: ContextRenderer,
+    tokenizer: PreTrainedTokenizerBase,
+    rng: random.Random,
+    warmup: WarmupConfig,
+) -> tuple[list[int], list[int], list[bool]]:
+    """One training example: (prompt ids, completion ids, completion loss mask).
+
+    Student format: the base's own slipped solution, every token trained (it learns to slip).
+    Teacher format: the same kind of slipped chain after the reference prompt, but slipped results are
+    never targets: with the reference in view it learns to continue the chain it is given (as it must
+    when scoring a student's tokens) and to compute each result correctly.
+    """
+    text, slip_spans = slipped_solution(problem, rng, warmup.slip_rate)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    completion = [*encoding["input_ids"], tokenizer.eos_token_id]
+    if rng.random() < warmup.teacher_fraction:
+        prompt = renderer.teacher_ids(problem.problem_text(), problem.solution_text())
+        in_slip = [any(a < end and start < b for a, b in slip_spans) for start, end in encoding["offset_mapping"]]
+        return prompt, completion, [not slipped for slipped in in_slip] + [True]
+    return renderer.student_ids(problem.problem_text()), completion, [True] * len(completion)
+
+
 def train_supervised(
-    loaded: LoadedModel, renderer: ContextRenderer, examples: list[dict[str, str]], warmup: WarmupConfig
+    loaded: LoadedModel, renderer: ContextRenderer, problems: list[ArithProblem], warmup: WarmupConfig
 ) -> float:
-    """Next-token loss on solutions, from the student context or (teacher_fraction) the teacher context."""
+    """Next-token loss on completions of both formats (see the module docstring)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     rng = random.Random(warmup.seed)
     torch.manual_seed(warmup.seed)
@@ -134,31 +176,26 @@ def train_supervised(
         if step < warmup.warmup_steps:
             return (step + 1) / warmup.warmup_steps
         progress = (step - warmup.warmup_steps) / max(1, warmup.steps - warmup.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup.min_lr_ratio + (1 - warmup.min_lr_ratio) * cosine
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     smoothed = float("nan")
     progress = tqdm(range(warmup.steps), desc="warm-up (tiny base)", dynamic_ncols=True)
     for _ in progress:
-        batch = rng.sample(examples, warmup.batch_size)
-        prompts = [
-            renderer.teacher_ids(ex["problem"], ex["solution"])
-            if rng.random() < warmup.teacher_fraction
-            else renderer.student_ids(ex["problem"])
-            for ex in batch
+        examples = [
+            warmup_pair(problem, renderer, tokenizer, rng, warmup)
+            for problem in rng.sample(problems, warmup.batch_size)
         ]
-        completions = [
-            tokenizer.encode(ex["solution"], add_special_tokens=False) + [tokenizer.eos_token_id]
-            for ex in batch
-        ]
-        loss = model(**sft_tensors(prompts, completions, tokenizer.pad_token_id)).loss
+        prompts, completions, loss_masks = (list(column) for column in zip(*examples, strict=True))
+        loss = model(**sft_tensors(prompts, completions, tokenizer.pad_token_id, loss_masks)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        smoothed = float(loss) if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * float(loss)
+        smoothed = float(loss.detach()) if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * float(loss.detach())
         progress.set_postfix(loss=f"{smoothed:.3f}")
     model.eval()
     return smoothed

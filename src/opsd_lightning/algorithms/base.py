@@ -87,6 +87,7 @@ class PolicyModule(L.LightningModule):
         contexts: renders student (and teacher) prompts with the chat template.
         sampling: rollout settings for training (temperature, top_p, top_k, max_new_tokens).
         eval_sampling: settings for held-out evaluation (temperature 0 = greedy).
+        eval_num_samples: completions per held-out problem; `accuracy` is their mean (avg@k).
         optimizer: a partial taking the trainable parameters (Hydra `_partial_: true`).
         scheduler: optional partial taking the optimizer; stepped once per optimizer step.
         accumulate_grad_batches: micro-batches per optimizer step (the loss is a token mean over all of them).
@@ -105,9 +106,13 @@ class PolicyModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
+        eval_num_samples: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if eval_num_samples < 1:
+            raise ValueError(f"algorithm.eval_num_samples={eval_num_samples} must be >= 1")
+        self.eval_num_samples = eval_num_samples
         if accumulate_grad_batches < 1:
             raise ValueError(f"algorithm.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
         self.automatic_optimization = False  # we own the step-level token normalisation
@@ -134,6 +139,10 @@ class PolicyModule(L.LightningModule):
 
     def after_optimizer_step(self) -> None:
         """Hook for subclasses (e.g. the EMA teacher update)."""
+
+    def on_train_start(self) -> None:
+        # from_pretrained leaves models in eval mode and Lightning keeps modes as it finds them.
+        self.train()
 
     # ---- shared pieces ----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -214,11 +223,14 @@ class PolicyModule(L.LightningModule):
 
     # ---- held-out evaluation ----------------------------------------------------------------
     def _evaluate(self, batch: Mapping, metrics: HeldOutMetrics, prefix: str) -> None:
-        prompt = self.contexts.student_batch(batch["problem"]).to(self.device)
+        k = self.eval_num_samples
+        problems = [problem for problem in batch["problem"] for _ in range(k)]
+        references = [answer for answer in (batch.get("answer") or [""] * len(batch["problem"])) for _ in range(k)]
+        prompt = self.contexts.student_batch(problems).to(self.device)
+        # The same seed before and after training: both evaluations draw the same random numbers.
         rollout = self.rollout(prompt, self.eval_sampling, seed=self.seed)
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         predictions = [extract_answer(text) for text in texts]
-        references = batch.get("answer") or [""] * len(texts)
         correct = torch.tensor([answers_match(p, r) for p, r in zip(predictions, references, strict=True)])
         formatted = torch.tensor([p is not None for p in predictions])
         metrics.update(correct.to(self.device), formatted.to(self.device), rollout)

@@ -10,14 +10,16 @@ training_step, per micro-batch (see `PolicyModule` for the step-level reduction)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
-from opsd_lightning.contexts import build_scoring_batch
+from opsd_lightning.contexts import ContextRenderer, build_scoring_batch
 from opsd_lightning.losses import Divergence, masked_token_sum
-from opsd_lightning.rollout import eval_mode
+from opsd_lightning.rollout import SamplingConfig, eval_mode
 from opsd_lightning.teachers import DynamicTeacher, Teacher
 
 
@@ -33,13 +35,26 @@ class OPSDModule(PolicyModule):
 
     def __init__(
         self,
-        *args,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        contexts: ContextRenderer,
+        optimizer: Callable[..., torch.optim.Optimizer],
         divergence: Divergence,
         teacher: Teacher | None = None,
         mask_truncated: bool = False,
-        **kwargs,
+        sampling: SamplingConfig | Mapping | None = None,
+        eval_sampling: SamplingConfig | Mapping | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = 1.0,
+        eval_num_samples: int = 1,
+        seed: int = 0,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            model, tokenizer, contexts, optimizer, sampling=sampling, eval_sampling=eval_sampling,
+            scheduler=scheduler, accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val, eval_num_samples=eval_num_samples, seed=seed,
+        )
         self.divergence = divergence
         self.teacher = teacher if teacher is not None else DynamicTeacher()
         self.teacher.attach(self.model)

@@ -9,74 +9,120 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from opsd_lightning.data.datamodule import RawTextDataModule
 
-NAMES = [
-    "Ava",
-    "Ben",
-    "Cleo",
-    "Dan",
-    "Emma",
-    "Finn",
-    "Gia",
-    "Hugo",
-    "Ines",
-    "Jack",
-    "Kai",
-    "Lena",
-    "Mia",
-    "Noah",
-]
+NAMES = ["Ava", "Ben", "Cleo", "Dan", "Emma", "Finn", "Gia", "Hugo", "Ines", "Jack", "Kai", "Lena", "Mia", "Noah"]
 ITEMS = ["apples", "books", "coins", "marbles", "stamps", "cards", "shells", "pencils", "stickers", "cookies"]
 GAIN_PHRASES = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more"]
 LOSS_PHRASES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
 
 
-def make_example(rng: random.Random, num_steps: int, max_start: int, max_change: int) -> dict[str, str]:
-    """One problem: a starting amount changed `num_steps` times by gains and losses (never below 0)."""
+@dataclass(frozen=True)
+class ArithProblem:
+    """A starting amount changed by signed amounts (a gain is positive); never below zero."""
+
+    name: str
+    item: str
+    start: int
+    changes: tuple[int, ...]
+    phrases: tuple[str, ...]
+
+    @property
+    def answer(self) -> int:
+        return self.start + sum(self.changes)
+
+    def problem_text(self) -> str:
+        sentences = [f"{self.name} has {self.start} {self.item}."]
+        for index, phrase in enumerate(self.phrases):
+            sentences.append(f"{'Then ' if index else ''}{self.name} {phrase}.")
+        sentences.append(f"How many {self.item} does {self.name} have now?")
+        return " ".join(sentences)
+
+    def solution_text(self, slips: Sequence[int] | None = None) -> str:
+        """The step-by-step solution (see `solution_with_slips`)."""
+        return self.solution_with_slips(slips)[0]
+
+    def solution_with_slips(self, slips: Sequence[int] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """The solution and the character spans of slipped results.
+
+        `slips[i]` adds an arithmetic error to step i's result, and the chain carries on from the wrong
+        value: that is how a weak reasoner goes wrong.
+        """
+        total = self.start
+        text = f"{self.name} starts with {total} {self.item}."
+        spans: list[tuple[int, int]] = []
+        for index, change in enumerate(self.changes):
+            slip = slips[index] if slips else 0
+            result = max(0, total + change + slip)
+            text += f" {total} {'+' if change > 0 else '-'} {abs(change)} = "
+            if result != total + change:
+                spans.append((len(text), len(text) + len(str(result))))
+            text += f"{result}."
+            total = result
+        return text + f" The answer is \\boxed{{{total}}}.", spans
+
+
+def make_problem(rng: random.Random, num_steps: int, max_start: int, max_change: int) -> ArithProblem:
+    """Draw one problem: `num_steps` gains or losses applied to a starting amount."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     total = rng.randint(1, max_start)
-    sentences = [f"{name} has {total} {item}."]
-    steps = [f"{name} starts with {total} {item}."]
-    for index in range(num_steps):
+    start, changes, phrases = total, [], []
+    for _ in range(num_steps):
         gain = total == 0 or rng.random() < 0.5
         amount = rng.randint(1, max_change if gain else min(max_change, total))
-        phrase = rng.choice(GAIN_PHRASES if gain else LOSS_PHRASES).format(n=amount)
-        sentences.append(f"{'Then ' if index else ''}{name} {phrase}.")
-        new_total = total + amount if gain else total - amount
-        steps.append(f"{total} {'+' if gain else '-'} {amount} = {new_total}.")
-        total = new_total
-    sentences.append(f"How many {item} does {name} have now?")
-    solution = " ".join(steps) + f" The answer is \\boxed{{{total}}}."
-    return {"problem": " ".join(sentences), "solution": solution, "answer": str(total)}
+        phrases.append(rng.choice(GAIN_PHRASES if gain else LOSS_PHRASES).format(n=amount))
+        changes.append(amount if gain else -amount)
+        total += changes[-1]
+    return ArithProblem(name, item, start, tuple(changes), tuple(phrases))
 
 
-def generate_examples(
+def slipped_solution(
+    problem: ArithProblem, rng: random.Random, slip_rate: float
+) -> tuple[str, list[tuple[int, int]]]:
+    """A solution in which each step's result is off by 1-3 with probability `slip_rate`, and the
+    character spans of the slipped results."""
+    slips = [rng.choice([-3, -2, -1, 1, 2, 3]) if rng.random() < slip_rate else 0 for _ in problem.changes]
+    return problem.solution_with_slips(slips)
+
+
+def generate_problems(
     count: int,
     seed: int,
     num_steps: Sequence[int] = (2, 3),
     max_start: int = 30,
     max_change: int = 20,
     exclude: set[str] | None = None,
-) -> list[dict[str, str]]:
-    """`count` distinct examples from `seed`, skipping any problem text in `exclude`."""
+) -> list[ArithProblem]:
+    """`count` distinct problems from `seed`, skipping any problem text in `exclude`."""
     rng = random.Random(seed)
     seen = set(exclude or ())
-    examples: list[dict[str, str]] = []
+    problems: list[ArithProblem] = []
     attempts = 0
-    while len(examples) < count:
+    while len(problems) < count:
         attempts += 1
         if attempts > 50 * count + 1000:
             raise ValueError(
                 f"data: cannot draw {count} distinct arithmetic problems with num_steps={list(num_steps)}, "
                 f"max_start={max_start}, max_change={max_change}; raise the ranges or lower the sizes"
             )
-        example = make_example(rng, rng.choice(list(num_steps)), max_start, max_change)
-        if example["problem"] not in seen:
-            seen.add(example["problem"])
-            examples.append(example)
-    return examples
+        problem = make_problem(rng, rng.choice(list(num_steps)), max_start, max_change)
+        text = problem.problem_text()
+        if text not in seen:
+            seen.add(text)
+            problems.append(problem)
+    return problems
+
+
+def to_row(problem: ArithProblem) -> dict[str, str]:
+    """The raw-text row every datamodule yields: problem, reference solution, answer."""
+    return {"problem": problem.problem_text(), "solution": problem.solution_text(), "answer": str(problem.answer)}
+
+
+def generate_examples(count: int, seed: int, *args, **kwargs) -> list[dict[str, str]]:
+    """`generate_problems` as raw-text rows."""
+    return [to_row(problem) for problem in generate_problems(count, seed, *args, **kwargs)]
 
 
 class ArithDataModule(RawTextDataModule):
@@ -87,26 +133,21 @@ class ArithDataModule(RawTextDataModule):
         train_size: int = 4000,
         val_size: int = 200,
         num_steps: Sequence[int] = (2, 3),
-        max_start: int = 30,
-        max_change: int = 20,
+        max_start: int = 12,
+        max_change: int = 6,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed
-        )
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         self.train_size, self.val_size = train_size, val_size
         self.num_steps, self.max_start, self.max_change = list(num_steps), max_start, max_change
 
     def build_splits(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         # Validation is drawn first from its own stream so it does not change when train_size does.
-        val = generate_examples(
-            self.val_size, self.seed * 2 + 1, self.num_steps, self.max_start, self.max_change
-        )
+        task = (self.num_steps, self.max_start, self.max_change)
+        val = generate_examples(self.val_size, self.seed * 2 + 1, *task)
         held_out = {example["problem"] for example in val}
-        train = generate_examples(
-            self.train_size, self.seed * 2, self.num_steps, self.max_start, self.max_change, exclude=held_out
-        )
+        train = generate_examples(self.train_size, self.seed * 2, *task, exclude=held_out)
         return train, val

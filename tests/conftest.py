@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random Qwen3 + tokenizer built locally (no downloads), and ../shared paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or a clean skip when this checkout has none (a user's fresh clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared is only in the developers' and CI checkouts)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny random Qwen3 with the locally built tokenizer (session-wide; tests must not train it)."""
+    from opsd_lightning.models import build_tiny
+
+    torch.manual_seed(0)
+    return build_tiny(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
+
+
+@pytest.fixture()
+def fresh_tiny():
+    """A new tiny model per test, for tests that train."""
+    from opsd_lightning.models import build_tiny
+
+    return build_tiny(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)

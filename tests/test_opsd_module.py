@@ -1,0 +1,80 @@
+"""The whole OPSD loop on a tiny model: a few real Lightning steps change the student and leave the
+fixed teacher untouched; the loss is a token mean over the whole optimizer step."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning as L
+import torch
+
+from opsd_lightning.algorithms import OPSDModule
+from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.data import ArithDataModule
+from opsd_lightning.losses import ForwardKL, ReverseKL
+from opsd_lightning.teachers import EMATeacher, FixedTeacher
+
+
+def make_module(loaded, teacher, divergence=None, **kwargs) -> OPSDModule:
+    return OPSDModule(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        contexts=ContextRenderer(loaded.tokenizer),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
+        divergence=divergence or ForwardKL(),
+        teacher=teacher,
+        sampling={"temperature": 1.0, "max_new_tokens": 6},
+        eval_sampling={"temperature": 0.0, "max_new_tokens": 6},
+        **kwargs,
+    )
+
+
+def fit(module, steps: int, tmp_path, batch_size: int = 2) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+    )
+    data = ArithDataModule(train_size=16, val_size=4, batch_size=batch_size, seed=0)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_fit_changes_the_student_and_leaves_the_fixed_teacher_untouched(fresh_tiny, tmp_path):
+    before = {k: v.clone() for k, v in fresh_tiny.model.state_dict().items()}
+    module = make_module(fresh_tiny, FixedTeacher())
+    trainer = fit(module, steps=3, tmp_path=tmp_path)
+    assert trainer.global_step == 3
+    after_student = fresh_tiny.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after_student[k])]
+    assert len(changed) > len(before) // 2, "the student should move"
+    for key, value in module.teacher.frozen.state_dict().items():
+        assert torch.equal(value, before[key]), f"fixed teacher weight {key} changed"
+    assert module.generated_tokens > 0
+    assert "train/loss" in trainer.callback_metrics and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_ema_teacher_moves_towards_the_student(fresh_tiny, tmp_path):
+    initial = {k: v.clone() for k, v in fresh_tiny.model.named_parameters()}
+    module = make_module(fresh_tiny, EMATeacher(decay=0.5), divergence=ReverseKL())
+    fit(module, steps=2, tmp_path=tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    ema, live, start = module.teacher.shadow[name.replace(".", "__")], dict(fresh_tiny.model.named_parameters())[name], initial[name]
+    assert not torch.equal(ema, start) and not torch.equal(ema, live)
+
+
+def test_loss_is_a_token_mean_over_the_whole_accumulation_window(fresh_tiny, tmp_path, monkeypatch):
+    """Two micro-batches of different token counts: the step's gradient is sum(loss)/sum(tokens)."""
+    module = make_module(fresh_tiny, FixedTeacher(), accumulate_grad_batches=2, gradient_clip_val=None)
+    seen = []
+    original = module.micro_batch_loss
+
+    def recording(batch, micro_index):
+        result = original(batch, micro_index)
+        seen.append((float(result.loss_sum), float(result.num_tokens)))
+        return result
+
+    monkeypatch.setattr(module, "micro_batch_loss", recording)
+    trainer = fit(module, steps=1, tmp_path=tmp_path)
+    assert trainer.global_step == 1 and len(seen) == 2
+    expected = sum(s for s, _ in seen) / sum(n for _, n in seen)
+    torch.testing.assert_close(float(trainer.callback_metrics["train/loss"]), expected, rtol=1e-5, atol=1e-6)
