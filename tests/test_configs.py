@@ -27,6 +27,8 @@ def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)  # what the Hydra app sets at launch
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -51,9 +53,13 @@ def check_binds(node, where: str) -> None:
         except TypeError as err:
             raise AssertionError(f"{where}: {node._target_} does not accept {sorted(kwargs)}: {err}") from err
         missing = [
-            name for name, p in signature.parameters.items()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and name not in kwargs and name not in PROVIDED and not node.get("_partial_", False)
+            name
+            for name, p in signature.parameters.items()
+            if p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and name not in kwargs
+            and name not in PROVIDED
+            and not node.get("_partial_", False)
         ]
         assert not missing, f"{where}: {node._target_} needs {missing}"
     for key, value in node.items():
@@ -74,7 +80,9 @@ def test_every_group_option_composes_and_binds(group, option, tmp_path):
     from opsd_lightning.contexts import ContextRenderer
 
     context_params = inspect.signature(ContextRenderer).parameters
-    assert set(cfg.context) <= set(context_params), f"unknown context options {set(cfg.context) - set(context_params)}"
+    assert set(cfg.context) <= set(context_params), (
+        f"unknown context options {set(cfg.context) - set(context_params)}"
+    )
     if cfg.get("peft"):
         from peft import LoraConfig
 

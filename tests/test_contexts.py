@@ -79,10 +79,15 @@ def test_tiny_template_matches_qwen3_template_for_chat_turns():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
     for thinking in (True, False):
         ours = qwen.apply_chat_template(
-            messages, chat_template=QWEN3_STYLE_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True,
+            messages,
+            chat_template=QWEN3_STYLE_CHAT_TEMPLATE,
+            tokenize=False,
+            add_generation_prompt=True,
             enable_thinking=thinking,
         )
-        theirs = qwen.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+        theirs = qwen.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
         assert ours == theirs
 
 
@@ -97,11 +102,15 @@ def test_real_qwen3_tokenizer_renders_both_contexts_as_its_template_intends():
             student_ids = renderer.student_ids(problem)
             teacher_ids = renderer.teacher_ids(problem, solution)
             expected_student = qwen.apply_chat_template(
-                renderer.student_messages(problem), tokenize=False, add_generation_prompt=True,
+                renderer.student_messages(problem),
+                tokenize=False,
+                add_generation_prompt=True,
                 enable_thinking=student_thinking,
             )
             expected_teacher = qwen.apply_chat_template(
-                renderer.teacher_messages(problem, solution), tokenize=False, add_generation_prompt=True,
+                renderer.teacher_messages(problem, solution),
+                tokenize=False,
+                add_generation_prompt=True,
                 enable_thinking=teacher_thinking,
             )
             # Ids are the template's own tokenization, special tokens as single ids.

@@ -31,8 +31,15 @@ def make_module(loaded, teacher, divergence=None, **kwargs) -> OPSDModule:
 
 def fit(module, steps: int, tmp_path, batch_size: int = 2) -> L.Trainer:
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
     )
     data = ArithDataModule(train_size=16, val_size=4, batch_size=batch_size, seed=0)
     trainer.fit(module, datamodule=data)
@@ -58,7 +65,11 @@ def test_ema_teacher_moves_towards_the_student(fresh_tiny, tmp_path):
     module = make_module(fresh_tiny, EMATeacher(decay=0.5), divergence=ReverseKL())
     fit(module, steps=2, tmp_path=tmp_path)
     name = "model.layers.0.mlp.up_proj.weight"
-    ema, live, start = module.teacher.shadow[name.replace(".", "__")], dict(fresh_tiny.model.named_parameters())[name], initial[name]
+    ema, live, start = (
+        module.teacher.shadow[name.replace(".", "__")],
+        dict(fresh_tiny.model.named_parameters())[name],
+        initial[name],
+    )
     assert not torch.equal(ema, start) and not torch.equal(ema, live)
 
 

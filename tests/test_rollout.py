@@ -44,4 +44,6 @@ def test_rollouts_are_seeded_and_restore_train_mode(tiny):
     # Pads after EOS are never trained on; a row without EOS within the budget is flagged truncated.
     assert first.completion_ids.shape[1] <= 12
     assert (first.completion_ids[~first.completion_mask] == tok.pad_token_id).all()
-    assert torch.equal(first.truncated, ~torch.isin(first.completion_ids, torch.tensor([tok.eos_token_id])).any(1))
+    assert torch.equal(
+        first.truncated, ~torch.isin(first.completion_ids, torch.tensor([tok.eos_token_id])).any(1)
+    )

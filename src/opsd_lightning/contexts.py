@@ -163,6 +163,7 @@ class ContextRenderer:
         )
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise ValueError(
-                f"a rendered prompt has {len(ids)} tokens, over context.max_prompt_tokens={self.max_prompt_tokens}"
+                f"a rendered prompt has {len(ids)} tokens, "
+                f"over context.max_prompt_tokens={self.max_prompt_tokens}"
             )
         return list(ids)

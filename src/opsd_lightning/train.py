@@ -5,8 +5,11 @@ Returns the configured `optimized_metric` so Hydra sweepers (Optuna, Ax, ...) ca
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from opsd_lightning._paths import config_dir
@@ -32,12 +35,40 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
+def instantiate_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
+    """Build the datamodule; with `data._target_=pkg.MyDataModule` on the command line, the options the
+    default data config carried for a different class are dropped (and named) instead of failing."""
+    target = get_object(data_cfg._target_)
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return instantiate(data_cfg)
+    unknown = [key for key in data_cfg if not key.startswith("_") and key not in parameters]
+    overridden = HydraConfig.initialized() and any(
+        o.startswith("data._target_=") for o in HydraConfig.get().overrides.task
+    )
+    if unknown and overridden:
+        log.info(
+            "data._target_=%s does not take %s from the data config; leaving them out",
+            data_cfg._target_,
+            unknown,
+        )
+        data_cfg = OmegaConf.masked_copy(data_cfg, [k for k in data_cfg if k not in unknown])
+    elif unknown:
+        raise ValueError(
+            f"data: {data_cfg._target_} does not accept the option(s) {unknown}; "
+            f"it takes {[k for k in parameters if k != 'self']}"
+        )
+    return instantiate(data_cfg)
+
+
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LoadedModel:
     """The configured model; for the tiny default, the cached warm-up base (trained on first use)."""
     is_tiny = str(cfg.model.get("_target_", "")).endswith("build_tiny")
     if not cfg.get("warmup") or not is_tiny or cfg.model.get("checkpoint"):
         if cfg.get("warmup") and not is_tiny:
-            log.info("warmup applies to model=tiny only; %s is loaded as it is", cfg.model.get("name_or_path"))
+            log.info(
+                "warmup applies to model=tiny only; %s is loaded as it is", cfg.model.get("name_or_path")
+            )
         return instantiate(cfg.model)
     held_out = [row["problem"] for row in getattr(datamodule, "val_rows", [])]
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
@@ -55,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_datamodule(cfg.data)
     datamodule.setup("fit")
     loaded = build_model(cfg, datamodule)
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
@@ -74,8 +105,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("validate_before", True):
         metrics["base"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics["final"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
+    # Read the last training metrics before validate() replaces trainer.callback_metrics.
     metrics["train"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics["final"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
     metrics["num_val_problems"] = len(getattr(datamodule, "val_rows", []))
     metrics["optimizer_steps"] = trainer.global_step
     metrics["generated_tokens"] = module.generated_tokens
@@ -128,6 +160,8 @@ def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # Let `data._target_=my_module.MyDataModule` find a module in the launch directory.
+    sys.path.insert(0, os.getcwd())
     return metric_value(train(cfg), cfg.get("optimized_metric"))
 
 

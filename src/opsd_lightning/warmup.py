@@ -158,7 +158,9 @@ def warmup_pair(
     completion = [*encoding["input_ids"], tokenizer.eos_token_id]
     if rng.random() < warmup.teacher_fraction:
         prompt = renderer.teacher_ids(problem.problem_text(), problem.solution_text())
-        in_slip = [any(a < end and start < b for a, b in slip_spans) for start, end in encoding["offset_mapping"]]
+        in_slip = [
+            any(a < end and start < b for a, b in slip_spans) for start, end in encoding["offset_mapping"]
+        ]
         return prompt, completion, [not slipped for slipped in in_slip] + [True]
     return renderer.student_ids(problem.problem_text()), completion, [True] * len(completion)
 
@@ -195,7 +197,9 @@ def train_supervised(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        smoothed = float(loss.detach()) if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * float(loss.detach())
+        smoothed = (
+            float(loss.detach()) if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * float(loss.detach())
+        )
         progress.set_postfix(loss=f"{smoothed:.3f}")
     model.eval()
     return smoothed

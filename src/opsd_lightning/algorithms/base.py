@@ -43,7 +43,8 @@ def check_raw_batch(batch: Mapping) -> None:
         raise ValueError(
             f"a training batch has keys {sorted(batch)}; expected raw text "
             '{"problem": list[str], "solution": list[str], "answer": list[str] (optional)}'
-            f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}. See README, 'Your own datamodule'."
+            f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}. "
+            "See README, 'Your own datamodule'."
         )
 
 
@@ -189,7 +190,7 @@ class PolicyModule(L.LightningModule):
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         loss_sum, num_tokens = float(totals[0]), float(totals[1])
         if num_tokens > 0:
-            # Each rank back-propagated its token SUM; DDP averaged over ranks. Rescale to a global token mean.
+            # Each rank back-propagated its token SUM and DDP averaged over ranks: rescale to a global mean.
             scale = self.trainer.world_size / num_tokens
             for param in self.model.parameters():
                 if param.grad is not None:
@@ -225,7 +226,9 @@ class PolicyModule(L.LightningModule):
     def _evaluate(self, batch: Mapping, metrics: HeldOutMetrics, prefix: str) -> None:
         k = self.eval_num_samples
         problems = [problem for problem in batch["problem"] for _ in range(k)]
-        references = [answer for answer in (batch.get("answer") or [""] * len(batch["problem"])) for _ in range(k)]
+        references = [
+            answer for answer in (batch.get("answer") or [""] * len(batch["problem"])) for _ in range(k)
+        ]
         prompt = self.contexts.student_batch(problems).to(self.device)
         # The same seed before and after training: both evaluations draw the same random numbers.
         rollout = self.rollout(prompt, self.eval_sampling, seed=self.seed)

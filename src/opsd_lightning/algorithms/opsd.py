@@ -51,9 +51,17 @@ class OPSDModule(PolicyModule):
         seed: int = 0,
     ) -> None:
         super().__init__(
-            model, tokenizer, contexts, optimizer, sampling=sampling, eval_sampling=eval_sampling,
-            scheduler=scheduler, accumulate_grad_batches=accumulate_grad_batches,
-            gradient_clip_val=gradient_clip_val, eval_num_samples=eval_num_samples, seed=seed,
+            model,
+            tokenizer,
+            contexts,
+            optimizer,
+            sampling=sampling,
+            eval_sampling=eval_sampling,
+            scheduler=scheduler,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            eval_num_samples=eval_num_samples,
+            seed=seed,
         )
         self.divergence = divergence
         self.teacher = teacher if teacher is not None else DynamicTeacher()

@@ -13,7 +13,22 @@ from dataclasses import dataclass
 
 from opsd_lightning.data.datamodule import RawTextDataModule
 
-NAMES = ["Ava", "Ben", "Cleo", "Dan", "Emma", "Finn", "Gia", "Hugo", "Ines", "Jack", "Kai", "Lena", "Mia", "Noah"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Emma",
+    "Finn",
+    "Gia",
+    "Hugo",
+    "Ines",
+    "Jack",
+    "Kai",
+    "Lena",
+    "Mia",
+    "Noah",
+]
 ITEMS = ["apples", "books", "coins", "marbles", "stamps", "cards", "shells", "pencils", "stickers", "cookies"]
 GAIN_PHRASES = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more"]
 LOSS_PHRASES = ["gives away {n}", "loses {n}", "sells {n}", "uses {n}"]
@@ -117,7 +132,11 @@ def generate_problems(
 
 def to_row(problem: ArithProblem) -> dict[str, str]:
     """The raw-text row every datamodule yields: problem, reference solution, answer."""
-    return {"problem": problem.problem_text(), "solution": problem.solution_text(), "answer": str(problem.answer)}
+    return {
+        "problem": problem.problem_text(),
+        "solution": problem.solution_text(),
+        "answer": str(problem.answer),
+    }
 
 
 def generate_examples(count: int, seed: int, *args, **kwargs) -> list[dict[str, str]]:
@@ -140,7 +159,9 @@ class ArithDataModule(RawTextDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed
+        )
         self.train_size, self.val_size = train_size, val_size
         self.num_steps, self.max_start, self.max_change = list(num_steps), max_start, max_change
 

@@ -1,0 +1,120 @@
+"""The Hydra app end to end on a tiny model: the files a run writes, the returned metric, a multirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_configs import compose_train
+
+TINY = [
+    "warmup=none",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "data.train_size=16",
+    "data.val_size=4",
+    "data.batch_size=2",
+    "algorithm.sampling.max_new_tokens=8",
+    "algorithm.eval_sampling.max_new_tokens=8",
+    "algorithm.eval_num_samples=2",
+    "trainer.max_steps=2",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+]
+
+
+def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
+    from opsd_lightning.train import metric_value, train
+
+    cfg = compose_train(
+        [*TINY, f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path
+    )
+    metrics = train(cfg)
+    out = Path(metrics["output_dir"])
+    assert out == tmp_path
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["optimizer_steps"] == 2 and saved["generated_tokens"] > 0
+    assert set(saved["base"]) >= {
+        "val/accuracy",
+        "val/format_rate",
+        "val/completion_length",
+        "val/truncation_rate",
+    }
+    assert 0.0 <= saved["final"]["val/accuracy"] <= 1.0
+    assert {
+        "train/loss",
+        "train/completion_length",
+        "train/truncation_rate",
+        "train/divergence",
+        "train/rollout_tokens_per_s",
+        "train/generated_tokens_total",
+    } <= set(saved["train"])
+    assert (out / "csv" / "metrics.csv").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert metric_value(metrics, "val/accuracy") == saved["final"]["val/accuracy"]
+    with pytest.raises(KeyError, match="optimized_metric"):
+        metric_value(metrics, "val/nope")
+
+
+def test_opsd_train_multirun_runs_one_job_per_divergence(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(tmp_path / "cache")}
+    command = [
+        sys.executable,
+        "-m",
+        "opsd_lightning.train",
+        "-m",
+        "divergence=forward_kl,reverse_kl,jsd,topk,sampled_token",
+        f"hydra.sweep.dir={tmp_path}",
+        "logger=none",
+        "callbacks=none",
+        "validate_before=false",
+        *[o for o in TINY if not o.startswith("callbacks.")],
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(jobs) == 5
+    divergences = set()
+    for job in jobs:
+        overrides = (job.parent / ".hydra" / "overrides.yaml").read_text()
+        divergences.add(next(line.split("=")[1] for line in overrides.splitlines() if "divergence=" in line))
+        assert json.loads(job.read_text())["optimizer_steps"] == 2
+    assert divergences == {"forward_kl", "reverse_kl", "jsd", "topk", "sampled_token"}
+
+
+def test_a_user_datamodule_plugs_in_with_data_target(tmp_path, monkeypatch):
+    from opsd_lightning.train import train
+
+    from .conftest import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments" / "custom_datamodule"))
+    overrides = [o for o in TINY if not o.startswith(("data.", "callbacks."))] + [
+        "data._target_=my_datamodule.CountdownDataModule",
+        "logger=none",
+        "callbacks=none",
+    ]
+    metrics = train(compose_train(overrides, tmp_path))
+    assert metrics["optimizer_steps"] == 2 and metrics["num_val_problems"] == 64
+    assert 0.0 <= metrics["final"]["val/accuracy"] <= 1.0
+
+
+def test_an_unknown_data_option_names_the_class_and_option(tmp_path):
+    from opsd_lightning.train import instantiate_datamodule
+
+    cfg = compose_train(["+data.trian_size=3"], tmp_path)
+    with pytest.raises(ValueError, match="trian_size"):
+        instantiate_datamodule(cfg.data)
+
+
+def test_a_batch_with_the_wrong_keys_shows_the_expected_schema():
+    from opsd_lightning.algorithms.base import check_raw_batch
+
+    with pytest.raises(ValueError, match=r'"problem": list\[str\].*missing: problem, solution'):
+        check_raw_batch({"question": ["1+1"], "input_ids": [[1, 2]]})
