@@ -5,16 +5,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 
 .PHONY: install train test test-all lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# torch first, so a CPU-only machine never pulls a multi-GB CUDA build: a GPU machine takes
-	@# PyPI's default build; otherwise a local wheel if one is configured, else the CPU index.
+	@# torch first, so a CPU-only machine never pulls a multi-GB CUDA build. A GPU machine takes PyPI's
+	@# default (CUDA) build; otherwise a CPU build: TORCH_CPU_SPEC if pip can see it (a local wheel or a
+	@# configured index), else the latest from PyTorch's CPU index.
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "torch>=2.4"; \
-	else $(PY) -m pip install --no-index "torch==2.13.0" 2>/dev/null \
+	else $(PY) -m pip install "$(TORCH_CPU_SPEC)" \
 	  || $(PY) -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu; fi
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)

@@ -96,7 +96,8 @@ class OPSDModule(PolicyModule):
             "completion_length": float(rollout.lengths.float().mean()),
             "truncation_rate": float(rollout.truncated.float().mean()),
             "divergence": float(loss_sum.detach()) / max(int(num_tokens), 1),
-            "rollout_tokens_per_s": generated / max(rollout.seconds, 1e-9) / self.trainer.world_size,
+            # All ranks generate at once: the global token count over this rank's rollout time.
+            "rollout_tokens_per_s": generated / max(rollout.seconds, 1e-9),
         }
         return MicroBatchLoss(loss_sum=loss_sum, num_tokens=num_tokens, stats=stats)
 
