@@ -89,3 +89,29 @@ def test_loss_is_a_token_mean_over_the_whole_accumulation_window(fresh_tiny, tmp
     assert trainer.global_step == 1 and len(seen) == 2
     expected = sum(s for s, _ in seen) / sum(n for _, n in seen)
     torch.testing.assert_close(float(trainer.callback_metrics["train/loss"]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_fit_trains_only_adapters_and_the_fixed_teacher_is_the_base(fresh_tiny, tmp_path):
+    from opsd_lightning.peft_utils import apply_peft
+
+    probe = torch.tensor([[1, 20, 21, 22, 23]])
+    with torch.no_grad():
+        base_logits = fresh_tiny.model(input_ids=probe).logits
+    fresh_tiny.model = apply_peft(
+        fresh_tiny.model,
+        {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    )
+    base_weights = {k: v.clone() for k, v in fresh_tiny.model.named_parameters() if "lora_" not in k}
+    module = make_module(fresh_tiny, FixedTeacher())
+    fit(module, steps=3, tmp_path=tmp_path)
+    for name, param in fresh_tiny.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_weights[name]), f"base weight {name} moved"
+    lora_b = [p for n, p in fresh_tiny.model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b), "adapters should have trained"
+    fresh_tiny.model.eval()
+    with torch.no_grad():
+        with module.teacher.scoring_model(fresh_tiny.model) as teacher:
+            torch.testing.assert_close(teacher(input_ids=probe).logits, base_logits)
+        student_logits = fresh_tiny.model(input_ids=probe).logits
+    assert not torch.allclose(student_logits, base_logits)
