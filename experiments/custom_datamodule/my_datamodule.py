@@ -27,7 +27,8 @@ def make_rows(count: int, seed: int) -> list[dict[str, str]]:
         values = list(range(start, -1, -step))
         rows.append(
             {
-                "problem": f"Count down from {start} in steps of {step}. What is the last number that is not negative?",
+                "problem": f"Count down from {start} in steps of {step}. "
+                "What is the last number that is not negative?",
                 "solution": " ".join(str(v) for v in values) + f". The answer is \\boxed{{{values[-1]}}}.",
                 "answer": str(values[-1]),
             }
