@@ -20,7 +20,7 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Arguments train.py passes itself (built objects, not config).
-PROVIDED = {"model", "tokenizer", "contexts", "logger", "callbacks", "corpus"}
+PROVIDED = {"model", "tokenizer", "contexts", "benchmarks", "logger", "callbacks", "corpus"}
 
 
 def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:

@@ -13,8 +13,8 @@ def test_default_job_raises_held_out_accuracy(tmp_path):
 
     cfg = compose_train([f"paths.cache_dir={tmp_path / 'cache'}", "callbacks=none"], tmp_path)
     metrics = train(cfg)
-    assert metrics["num_val_problems"] >= 200
-    base, final = metrics["base"]["val/accuracy"], metrics["final"]["val/accuracy"]
+    assert metrics["benchmarks"]["heldout"] >= 200
+    base, final = metrics["base"]["val/heldout/avg@4"], metrics["final"]["test/heldout/avg@4"]
     assert 0.2 <= base <= 0.7, f"the warm-up base should be a moderate solver, got {base:.3f}"
     # 800 samples per evaluation: a 5-point gain is well above the noise of the same seeds.
     assert final >= base + 0.05, f"OPSD should raise held-out accuracy: {base:.3f} -> {final:.3f}"

@@ -24,7 +24,7 @@ def make_module(loaded, teacher, divergence=None, **kwargs) -> OPSDModule:
         divergence=divergence or ForwardKL(),
         teacher=teacher,
         sampling={"temperature": 1.0, "max_new_tokens": 6},
-        eval_sampling={"temperature": 0.0, "max_new_tokens": 6},
+        evaluation={"sampling": {"temperature": 0.0, "max_new_tokens": 6}, "num_samples": 1},
         **kwargs,
     )
 

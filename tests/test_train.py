@@ -23,8 +23,9 @@ TINY = [
     "data.val_size=4",
     "data.batch_size=2",
     "algorithm.sampling.max_new_tokens=8",
-    "algorithm.eval_sampling.max_new_tokens=8",
-    "algorithm.eval_num_samples=2",
+    "evaluation.sampling.max_new_tokens=8",
+    "evaluation.num_samples=2",
+    "evaluation.ks=[1,2]",
     "trainer.max_steps=2",
     "callbacks.model_checkpoint.every_n_train_steps=1",
 ]
@@ -41,13 +42,11 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
     assert out == tmp_path
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["optimizer_steps"] == 2 and saved["generated_tokens"] > 0
-    assert set(saved["base"]) >= {
-        "val/accuracy",
-        "val/format_rate",
-        "val/completion_length",
-        "val/truncation_rate",
-    }
-    assert 0.0 <= saved["final"]["val/accuracy"] <= 1.0
+    expected = {"avg@2", "pass@1", "pass@2", "maj@1", "maj@2", "format_rate", "completion_length", "truncation_rate"}
+    assert set(saved["base"]) == {f"val/heldout/{name}" for name in expected}
+    assert set(saved["final"]) == {f"test/heldout/{name}" for name in expected}
+    assert saved["benchmarks"] == {"heldout": 4}
+    assert 0.0 <= saved["final"]["test/heldout/avg@2"] <= 1.0
     assert {
         "train/loss",
         "train/completion_length",
@@ -58,7 +57,7 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
     } <= set(saved["train"])
     assert (out / "csv" / "metrics.csv").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    assert metric_value(metrics, "val/accuracy") == saved["final"]["val/accuracy"]
+    assert metric_value(metrics, cfg.optimized_metric) == saved["final"]["test/heldout/avg@2"]
     with pytest.raises(KeyError, match="optimized_metric"):
         metric_value(metrics, "val/nope")
 
@@ -101,8 +100,8 @@ def test_a_user_datamodule_plugs_in_with_data_target(tmp_path, monkeypatch):
         "callbacks=none",
     ]
     metrics = train(compose_train(overrides, tmp_path))
-    assert metrics["optimizer_steps"] == 2 and metrics["num_val_problems"] == 64
-    assert 0.0 <= metrics["final"]["val/accuracy"] <= 1.0
+    assert metrics["optimizer_steps"] == 2 and metrics["benchmarks"] == {"heldout": 64}
+    assert 0.0 <= metrics["final"]["test/heldout/avg@2"] <= 1.0
 
 
 def test_an_unknown_data_option_names_the_class_and_option(tmp_path):

@@ -1,6 +1,6 @@
 """opsd-lightning: On-Policy Self-Distillation of language models with PyTorch Lightning and Hydra."""
 
-from opsd_lightning.evaluation.answers import extract_answer
+from opsd_lightning.evaluation.grading import extract_answer, grade
 
 __version__ = "0.1.0"
-__all__ = ["extract_answer", "__version__"]
+__all__ = ["__version__", "extract_answer", "grade"]

@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from opsd_lightning._paths import config_dir
 from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.evaluation.loaders import WithBenchmarks
+from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.models import LoadedModel, load_pretrained
 from opsd_lightning.peft_utils import apply_peft
 from opsd_lightning.warmup import WarmupConfig, prepare_tiny_base
@@ -88,11 +90,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate_datamodule(cfg.data)
     datamodule.setup("fit")
+    settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
+    data = WithBenchmarks(datamodule, build_benchmarks(cfg), settings.problems_per_batch)
+    data.setup("fit")
     loaded = build_model(cfg, datamodule)
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
     contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
     module = instantiate(
-        cfg.algorithm, model=loaded.model, tokenizer=loaded.tokenizer, contexts=contexts, _convert_="all"
+        cfg.algorithm, model=loaded.model, tokenizer=loaded.tokenizer, contexts=contexts,
+        benchmarks=data.names, _convert_="all",
     )
 
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -101,14 +107,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"benchmarks": {name: len(rows) for name, rows in data.rows.items()}}
     if cfg.get("validate_before", True):
-        metrics["base"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    # Read the last training metrics before validate() replaces trainer.callback_metrics.
+        metrics["base"] = _merged(trainer.validate(module, datamodule=data, verbose=False))
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    # Read the last training metrics before test() replaces trainer.callback_metrics.
     metrics["train"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    metrics["final"] = _first(trainer.validate(module, datamodule=datamodule, verbose=False))
-    metrics["num_val_problems"] = len(getattr(datamodule, "val_rows", []))
+    metrics["final"] = _merged(trainer.test(module, datamodule=data, verbose=False))
     metrics["optimizer_steps"] = trainer.global_step
     metrics["generated_tokens"] = module.generated_tokens
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -118,25 +123,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _first(results: list[dict]) -> dict[str, float]:
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+def build_benchmarks(cfg: DictConfig) -> list:
+    """The configured benchmarks (`benchmark=[a,b]` composes several)."""
+    benchmarks = [instantiate(node) for node in (cfg.get("benchmark") or {}).values()]
+    if not benchmarks:
+        raise ValueError("no benchmark configured: set e.g. benchmark=heldout or benchmark=[heldout,math500]")
+    return benchmarks
+
+
+def _merged(results: list[dict]) -> dict[str, float]:
+    """One dict from Lightning's per-dataloader result list."""
+    return {k: float(v) for result in results for k, v in result.items()}
 
 
 def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
-    """The short before/after table the main job prints."""
-    names = ["accuracy", "format_rate", "completion_length", "truncation_rate"]
-    rows = [("base", metrics.get("base", {})), ("after OPSD", metrics["final"])]
+    """The short before/after table the main job prints: one row per benchmark and stage."""
+    names = [f"avg@{cfg.evaluation.num_samples}"] + [f"{m}@{k}" for k in cfg.evaluation.ks for m in ("pass", "maj")]
+    names += ["format_rate", "completion_length", "truncation_rate"]
+    names = list(dict.fromkeys(names))
+    sampling = cfg.evaluation.sampling
     lines = [
         "",
-        f"Held-out evaluation on {metrics['num_val_problems']} validation problems "
-        f"(temperature {cfg.algorithm.eval_sampling.temperature}; 0 = greedy)",
-        "| model      | " + " | ".join(f"{n:>17}" for n in names) + " |",
-        "|------------|" + "|".join("-" * 19 for _ in names) + "|",
+        f"Evaluation: {cfg.evaluation.num_samples} samples per problem, temperature {sampling.temperature}",
+        "| benchmark (problems) | model      | " + " | ".join(f"{n:>10}" for n in names) + " |",
+        "|---|---|" + "|".join("---:" for _ in names) + "|",
     ]
-    for label, values in rows:
-        if values:
-            cells = " | ".join(f"{values.get('val/' + n, float('nan')):>17.3f}" for n in names)
-            lines.append(f"| {label:<10} | {cells} |")
+    for benchmark, count in metrics["benchmarks"].items():
+        for label, stage, values in (("base", "val", metrics.get("base")), ("after OPSD", "test", metrics["final"])):
+            if values:
+                cells = " | ".join(f"{values.get(f'{stage}/{benchmark}/{n}', float('nan')):>10.3f}" for n in names)
+                lines.append(f"| {benchmark} ({count}) | {label:<10} | {cells} |")
     lines.append(
         f"{metrics['optimizer_steps']} optimizer steps, {metrics['generated_tokens']} generated tokens, "
         f"{metrics['wall_seconds']} s wall time. Outputs: {metrics['output_dir']}"

@@ -10,7 +10,7 @@ completions differently).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -20,7 +20,9 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.contexts import ContextRenderer, ScoringBatch, TokenBatch
-from opsd_lightning.evaluation.answers import answers_match, extract_answer
+from opsd_lightning.evaluation.grading import answers_equivalent
+from opsd_lightning.evaluation.metrics import BenchmarkMetrics
+from opsd_lightning.evaluation.runner import EvalSettings, as_settings, score_problems
 from opsd_lightning.models import eos_token_ids
 from opsd_lightning.rollout import Rollout, SamplingConfig, eval_mode, generate_rollouts
 
@@ -64,22 +66,6 @@ def completion_logits(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
     return output.logits[:, :num_completion]
 
 
-class HeldOutMetrics(nn.Module):
-    """Held-out accuracy (exact match of the last boxed answer), format rate, length, truncation."""
-
-    names = ("accuracy", "format_rate", "completion_length", "truncation_rate")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics = nn.ModuleDict({name: MeanMetric() for name in self.names})
-
-    def update(self, correct: torch.Tensor, formatted: torch.Tensor, rollout: Rollout) -> None:
-        self.metrics["accuracy"].update(correct.float())
-        self.metrics["format_rate"].update(formatted.float())
-        self.metrics["completion_length"].update(rollout.lengths.float())
-        self.metrics["truncation_rate"].update(rollout.truncated.float())
-
-
 class PolicyModule(L.LightningModule):
     """Base LightningModule for algorithms that train a causal LM on its own rollouts.
 
@@ -87,8 +73,8 @@ class PolicyModule(L.LightningModule):
         model / tokenizer: the policy (and, for OPSD, also the teacher).
         contexts: renders student (and teacher) prompts with the chat template.
         sampling: rollout settings for training (temperature, top_p, top_k, max_new_tokens).
-        eval_sampling: settings for held-out evaluation (temperature 0 = greedy).
-        eval_num_samples: completions per held-out problem; `accuracy` is their mean (avg@k).
+        evaluation: how benchmarks are evaluated (`EvalSettings`: sampling, num_samples, ks, ...).
+        benchmarks: names of the validation/test dataloaders, in order (metrics are `val/<name>/...`).
         optimizer: a partial taking the trainable parameters (Hydra `_partial_: true`).
         scheduler: optional partial taking the optimizer; stepped once per optimizer step.
         accumulate_grad_batches: micro-batches per optimizer step (the loss is a token mean over all of them).
@@ -103,17 +89,14 @@ class PolicyModule(L.LightningModule):
         contexts: ContextRenderer,
         optimizer: Callable[..., torch.optim.Optimizer],
         sampling: SamplingConfig | Mapping | None = None,
-        eval_sampling: SamplingConfig | Mapping | None = None,
+        evaluation: EvalSettings | Mapping | None = None,
+        benchmarks: Sequence[str] = ("heldout",),
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
-        eval_num_samples: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if eval_num_samples < 1:
-            raise ValueError(f"algorithm.eval_num_samples={eval_num_samples} must be >= 1")
-        self.eval_num_samples = eval_num_samples
         if accumulate_grad_batches < 1:
             raise ValueError(f"algorithm.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
         self.automatic_optimization = False  # we own the step-level token normalisation
@@ -121,15 +104,21 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.contexts = contexts
         self.sampling = _sampling(sampling, SamplingConfig())
-        self.eval_sampling = _sampling(eval_sampling, SamplingConfig(temperature=0.0))
+        self.evaluation = as_settings(evaluation)
+        self.benchmarks = list(benchmarks)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.seed = seed
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.val_metrics = HeldOutMetrics()
-        self.test_metrics = HeldOutMetrics()
+        self.eval_metrics = nn.ModuleDict(
+            {
+                f"{stage}_{index}": BenchmarkMetrics(ks=self.evaluation.ks, equivalent=answers_equivalent)
+                for stage in ("val", "test")
+                for index in range(len(self.benchmarks))
+            }
+        )
         self.generated_tokens = 0  # cumulative over all ranks, saved in checkpoints
         self._window: dict[str, float] = {}
         self._window_stats: dict[str, list[float]] = {}
@@ -223,35 +212,39 @@ class PolicyModule(L.LightningModule):
         return total
 
     # ---- held-out evaluation ----------------------------------------------------------------
-    def _evaluate(self, batch: Mapping, metrics: HeldOutMetrics, prefix: str) -> None:
-        k = self.eval_num_samples
-        problems = [problem for problem in batch["problem"] for _ in range(k)]
-        references = [
-            answer for answer in (batch.get("answer") or [""] * len(batch["problem"])) for _ in range(k)
-        ]
-        prompt = self.contexts.student_batch(problems).to(self.device)
-        # The same seed before and after training: both evaluations draw the same random numbers.
-        rollout = self.rollout(prompt, self.eval_sampling, seed=self.seed)
-        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        predictions = [extract_answer(text) for text in texts]
-        correct = torch.tensor([answers_match(p, r) for p, r in zip(predictions, references, strict=True)])
-        formatted = torch.tensor([p is not None for p in predictions])
-        metrics.update(correct.to(self.device), formatted.to(self.device), rollout)
-        for name, metric in metrics.metrics.items():
-            self.log(
-                f"{prefix}/{name}",
-                metric,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=name == "accuracy",
-                batch_size=len(texts),
-            )
+    def _evaluate(self, batch: Mapping, stage: str, dataloader_idx: int) -> None:
+        # The same seed every evaluation: before/after comparisons draw the same random numbers.
+        results = score_problems(
+            self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed=self.seed
+        )
+        self.eval_metrics[f"{stage}_{dataloader_idx}"].update(
+            [r.correct for r in results], [r.answers for r in results],
+            [r.lengths for r in results], [r.truncated for r in results],
+        )
 
-    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def _log_eval_metrics(self, stage: str) -> None:
+        """`<stage>/<benchmark>/<metric>`, computed over all batches and ranks, then reset."""
+        for index, name in enumerate(self.benchmarks):
+            metric = self.eval_metrics[f"{stage}_{index}"]
+            if not metric.update_called:
+                continue
+            for key, value in metric.compute().items():
+                key = f"avg@{self.evaluation.num_samples}" if key == "avg@n" else key
+                self.log(f"{stage}/{name}/{key}", value, prog_bar=key.startswith("avg@"), add_dataloader_idx=False,
+                         sync_dist=False)
+            metric.reset()
 
-    def test_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def validation_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val", dataloader_idx)
+
+    def test_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "test", dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
 
     # ---- checkpoint state that is not a tensor ------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -10,7 +10,7 @@ training_step, per micro-batch (see `PolicyModule` for the step-level reduction)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
 from opsd_lightning.contexts import ContextRenderer, build_scoring_batch
+from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.losses import Divergence, masked_token_sum
 from opsd_lightning.rollout import SamplingConfig, eval_mode
 from opsd_lightning.teachers import DynamicTeacher, Teacher
@@ -43,11 +44,11 @@ class OPSDModule(PolicyModule):
         teacher: Teacher | None = None,
         mask_truncated: bool = False,
         sampling: SamplingConfig | Mapping | None = None,
-        eval_sampling: SamplingConfig | Mapping | None = None,
+        evaluation: EvalSettings | Mapping | None = None,
+        benchmarks: Sequence[str] = ("heldout",),
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
-        eval_num_samples: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -56,11 +57,11 @@ class OPSDModule(PolicyModule):
             contexts,
             optimizer,
             sampling=sampling,
-            eval_sampling=eval_sampling,
+            evaluation=evaluation,
+            benchmarks=benchmarks,
             scheduler=scheduler,
             accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val,
-            eval_num_samples=eval_num_samples,
             seed=seed,
         )
         self.divergence = divergence

@@ -140,7 +140,7 @@ class ReasoningDataModule(RawTextDataModule):
                 "ReasoningDataModule needs exactly one of `path` (local files) or `name` (a hub dataset id), "
                 f"got path={path!r} and name={name!r}"
             )
-        self.data_files, self.file_format = _local_files(path) if path is not None else (None, None)
+        self.data_files, self.file_format = local_data_files(path) if path is not None else (None, None)
         self.name = name
         self.subset = subset
         self.split = split
@@ -213,7 +213,7 @@ class ReasoningDataModule(RawTextDataModule):
         return resolved
 
 
-def _local_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], str]:
+def local_data_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], str]:
     """Check that every file exists and that all share one supported format; return (files, format)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:

@@ -1,5 +1,23 @@
-"""Answers, grading and held-out accuracy."""
+"""Answers, grading, benchmarks, metrics and the evaluation loop."""
 
-from opsd_lightning.evaluation.answers import answers_match, extract_answer
+from opsd_lightning.evaluation.benchmarks import ArithBenchmark, Benchmark
+from opsd_lightning.evaluation.grading import answers_equivalent, extract_answer, grade
+from opsd_lightning.evaluation.loaders import HeldOutSplit, WithBenchmarks
+from opsd_lightning.evaluation.metrics import BenchmarkMetrics, majority_vote, pass_at_k
+from opsd_lightning.evaluation.runner import EvalSettings, ProblemResult, score_problems
 
-__all__ = ["answers_match", "extract_answer"]
+__all__ = [
+    "ArithBenchmark",
+    "Benchmark",
+    "BenchmarkMetrics",
+    "EvalSettings",
+    "HeldOutSplit",
+    "ProblemResult",
+    "WithBenchmarks",
+    "answers_equivalent",
+    "extract_answer",
+    "grade",
+    "majority_vote",
+    "pass_at_k",
+    "score_problems",
+]

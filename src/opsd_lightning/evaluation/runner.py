@@ -1,0 +1,105 @@
+"""Scoring completions on benchmark problems: sample k completions per problem from the student
+context (the same rendering as training), extract the last boxed answer, grade it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.evaluation.grading import extract_answer, grade
+from opsd_lightning.rollout import SamplingConfig, generate_rollouts
+
+
+@dataclass
+class EvalSettings:
+    """How benchmarks are evaluated (`evaluation:` in the configs).
+
+    The paper samples at temperature 1.0 and reports avg@k; `ks` adds pass@k and maj@k.
+    `batch_size` counts sequences per `generate` call (problems x num_samples).
+    """
+
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    num_samples: int = 4
+    ks: list[int] = field(default_factory=lambda: [1])
+    batch_size: int = 256
+    grade_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, Mapping):
+            self.sampling = SamplingConfig(**self.sampling)
+        if self.num_samples < 1:
+            raise ValueError(f"evaluation.num_samples={self.num_samples} must be >= 1")
+        bad = [k for k in self.ks if not 1 <= k <= self.num_samples]
+        if bad:
+            raise ValueError(f"evaluation.ks={list(self.ks)}: each k must be in [1, num_samples={self.num_samples}]")
+        self.ks = list(self.ks)
+
+    @property
+    def problems_per_batch(self) -> int:
+        return max(1, self.batch_size // self.num_samples)
+
+
+@dataclass
+class ProblemResult:
+    """Everything evaluated for one problem (one line of the per-problem JSONL)."""
+
+    id: str
+    problem: str
+    reference: str
+    completions: list[str]
+    answers: list[str | None]
+    correct: list[bool]
+    lengths: list[int]
+    truncated: list[bool]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def as_settings(value: EvalSettings | Mapping | None) -> EvalSettings:
+    if value is None:
+        return EvalSettings()
+    return value if isinstance(value, EvalSettings) else EvalSettings(**value)
+
+
+@torch.no_grad()
+def score_problems(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: ContextRenderer,
+    batch: Mapping[str, Sequence[str]],
+    settings: EvalSettings,
+    eos_ids: Sequence[int],
+    seed: int | None,
+) -> list[ProblemResult]:
+    """Sample `num_samples` completions for each problem of a raw-text batch and grade them."""
+    k = settings.num_samples
+    problems = list(batch["problem"])
+    references = list(batch.get("answer") or [""] * len(problems))
+    ids = list(batch.get("id") or [str(index) for index in range(len(problems))])
+    device = next(model.parameters()).device
+    prompt = contexts.student_batch([p for p in problems for _ in range(k)]).to(device)
+    rollout = generate_rollouts(model, prompt, settings.sampling, eos_ids, tokenizer.pad_token_id, seed)
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
+    results = []
+    for index, (problem_id, problem, reference) in enumerate(zip(ids, problems, references, strict=True)):
+        span = slice(index * k, (index + 1) * k)
+        answers = [extract_answer(text) for text in texts[span]]
+        results.append(
+            ProblemResult(
+                id=str(problem_id),
+                problem=problem,
+                reference=reference,
+                completions=texts[span],
+                answers=answers,
+                correct=[grade(a, reference, timeout_s=settings.grade_timeout_s) for a in answers],
+                lengths=[int(n) for n in lengths[span]],
+                truncated=[bool(t) for t in truncated[span]],
+            )
+        )
+    return results
