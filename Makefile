@@ -33,8 +33,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff format --check src tests experiments
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests

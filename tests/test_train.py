@@ -42,7 +42,16 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
     assert out == tmp_path
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["optimizer_steps"] == 2 and saved["generated_tokens"] > 0
-    expected = {"avg@2", "pass@1", "pass@2", "maj@1", "maj@2", "format_rate", "completion_length", "truncation_rate"}
+    expected = {
+        "avg@2",
+        "pass@1",
+        "pass@2",
+        "maj@1",
+        "maj@2",
+        "format_rate",
+        "completion_length",
+        "truncation_rate",
+    }
     assert set(saved["base"]) == {f"val/heldout/{name}" for name in expected}
     assert set(saved["final"]) == {f"test/heldout/{name}" for name in expected}
     assert saved["benchmarks"] == {"heldout": 4}

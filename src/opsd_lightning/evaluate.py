@@ -15,7 +15,6 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -73,23 +72,41 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         load = getattr(benchmark, "load_from", None)
         rows = load(datamodule) if load else benchmark.load()
         metric = BenchmarkMetrics(ks=settings.ks, equivalent=answers_equivalent)
-        with (out / f"{benchmark.name}.jsonl").open("w") as jsonl, tqdm(
-            total=len(rows), desc=f"eval {benchmark.name}", unit="problem", dynamic_ncols=True
-        ) as progress:
+        with (
+            (out / f"{benchmark.name}.jsonl").open("w") as jsonl,
+            tqdm(
+                total=len(rows), desc=f"eval {benchmark.name}", unit="problem", dynamic_ncols=True
+            ) as progress,
+        ):
             for offset in range(0, len(rows), settings.problems_per_batch):
                 batch = collate_problems(rows[offset : offset + settings.problems_per_batch])
-                results = score_problems(model, loaded.tokenizer, contexts, batch, settings, eos_ids, cfg.seed + offset)
-                metric.update([r.correct for r in results], [r.answers for r in results],
-                              [r.lengths for r in results], [r.truncated for r in results])
+                results = score_problems(
+                    model, loaded.tokenizer, contexts, batch, settings, eos_ids, cfg.seed + offset
+                )
+                metric.update(
+                    [r.correct for r in results],
+                    [r.answers for r in results],
+                    [r.lengths for r in results],
+                    [r.truncated for r in results],
+                )
                 for result in results:
                     jsonl.write(json.dumps(result.to_json()) + "\n")
                 progress.update(len(results))
-        values = {k: float(v) for k, v in metric.compute().items()}
+        values = {settings.metric_name(k): float(v) for k, v in metric.compute().items()}
         summary[benchmark.name] = {"problems": len(rows), **values}
-    (out / "summary.json").write_text(json.dumps(
-        {"benchmarks": summary, "num_samples": settings.num_samples, "sampling": vars(settings.sampling),
-         "checkpoint": cfg.get("checkpoint"), "adapter": cfg.get("adapter"),
-         "wall_seconds": round(time.perf_counter() - start, 1)}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "benchmarks": summary,
+                "num_samples": settings.num_samples,
+                "sampling": vars(settings.sampling),
+                "checkpoint": cfg.get("checkpoint"),
+                "adapter": cfg.get("adapter"),
+                "wall_seconds": round(time.perf_counter() - start, 1),
+            },
+            indent=2,
+        )
+    )
     print(format_table(summary, settings, out))
     return summary
 
@@ -99,13 +116,16 @@ def format_table(summary: dict[str, dict[str, float]], settings: EvalSettings, o
     lines = [
         "",
         f"{settings.num_samples} samples per problem, temperature {settings.sampling.temperature} "
-        "(avg@n = mean correctness over the n samples)",
+        f"(avg@{settings.num_samples} = mean correctness over the samples)",
         "| benchmark | problems | " + " | ".join(f"{n:>10}" for n in names) + " |",
         "|---|---:|" + "|".join("---:" for _ in names) + "|",
     ]
     for name, values in summary.items():
-        lines.append(f"| {name} | {int(values['problems'])} | "
-                     + " | ".join(f"{values[n]:>10.3f}" for n in names) + " |")
+        lines.append(
+            f"| {name} | {int(values['problems'])} | "
+            + " | ".join(f"{values[n]:>10.3f}" for n in names)
+            + " |"
+        )
     lines.append(f"Per-problem results and summary.json in {out}")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -97,12 +98,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
     contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
     module = instantiate(
-        cfg.algorithm, model=loaded.model, tokenizer=loaded.tokenizer, contexts=contexts,
-        benchmarks=data.names, _convert_="all",
+        cfg.algorithm,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        contexts=contexts,
+        benchmarks=data.names,
+        _convert_="all",
     )
 
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; logger=none should just work
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -138,7 +145,9 @@ def _merged(results: list[dict]) -> dict[str, float]:
 
 def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
     """The short before/after table the main job prints: one row per benchmark and stage."""
-    names = [f"avg@{cfg.evaluation.num_samples}"] + [f"{m}@{k}" for k in cfg.evaluation.ks for m in ("pass", "maj")]
+    names = [f"avg@{cfg.evaluation.num_samples}"] + [
+        f"{m}@{k}" for k in cfg.evaluation.ks for m in ("pass", "maj")
+    ]
     names += ["format_rate", "completion_length", "truncation_rate"]
     names = list(dict.fromkeys(names))
     sampling = cfg.evaluation.sampling
@@ -149,9 +158,14 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
         "|---|---|" + "|".join("---:" for _ in names) + "|",
     ]
     for benchmark, count in metrics["benchmarks"].items():
-        for label, stage, values in (("base", "val", metrics.get("base")), ("after OPSD", "test", metrics["final"])):
+        for label, stage, values in (
+            ("base", "val", metrics.get("base")),
+            ("after OPSD", "test", metrics["final"]),
+        ):
             if values:
-                cells = " | ".join(f"{values.get(f'{stage}/{benchmark}/{n}', float('nan')):>10.3f}" for n in names)
+                cells = " | ".join(
+                    f"{values.get(f'{stage}/{benchmark}/{n}', float('nan')):>10.3f}" for n in names
+                )
                 lines.append(f"| {benchmark} ({count}) | {label:<10} | {cells} |")
     lines.append(
         f"{metrics['optimizer_steps']} optimizer steps, {metrics['generated_tokens']} generated tokens, "

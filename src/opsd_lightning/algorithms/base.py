@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.contexts import ContextRenderer, ScoringBatch, TokenBatch
@@ -212,14 +211,18 @@ class PolicyModule(L.LightningModule):
         return total
 
     # ---- held-out evaluation ----------------------------------------------------------------
-    def _evaluate(self, batch: Mapping, stage: str, dataloader_idx: int) -> None:
-        # The same seed every evaluation: before/after comparisons draw the same random numbers.
+    def _evaluate(self, batch: Mapping, batch_idx: int, stage: str, dataloader_idx: int) -> None:
+        # Seeded by position, as opsd-eval does: every evaluation of the same model draws the same
+        # samples, and before/after comparisons share their random numbers.
+        seed = self.seed + batch_idx * self.evaluation.problems_per_batch
         results = score_problems(
-            self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed=self.seed
+            self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed
         )
         self.eval_metrics[f"{stage}_{dataloader_idx}"].update(
-            [r.correct for r in results], [r.answers for r in results],
-            [r.lengths for r in results], [r.truncated for r in results],
+            [r.correct for r in results],
+            [r.answers for r in results],
+            [r.lengths for r in results],
+            [r.truncated for r in results],
         )
 
     def _log_eval_metrics(self, stage: str) -> None:
@@ -229,16 +232,21 @@ class PolicyModule(L.LightningModule):
             if not metric.update_called:
                 continue
             for key, value in metric.compute().items():
-                key = f"avg@{self.evaluation.num_samples}" if key == "avg@n" else key
-                self.log(f"{stage}/{name}/{key}", value, prog_bar=key.startswith("avg@"), add_dataloader_idx=False,
-                         sync_dist=False)
+                key = self.evaluation.metric_name(key)
+                self.log(
+                    f"{stage}/{name}/{key}",
+                    value,
+                    prog_bar=key.startswith("avg@"),
+                    add_dataloader_idx=False,
+                    sync_dist=False,
+                )
             metric.reset()
 
     def validation_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "val", dataloader_idx)
+        self._evaluate(batch, batch_idx, "val", dataloader_idx)
 
     def test_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, "test", dataloader_idx)
+        self._evaluate(batch, batch_idx, "test", dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")

@@ -108,7 +108,10 @@ class ArithBenchmark:
     def load(self) -> list[dict[str, str]]:
         # Same stream as ArithDataModule's validation split, so training never sees these problems.
         rows = generate_examples(self.num_problems, self.seed * 2 + 1, *self.task)
-        rows = [{"id": str(index), "problem": row["problem"], "answer": row["answer"]} for index, row in enumerate(rows)]
+        rows = [
+            {"id": str(index), "problem": row["problem"], "answer": row["answer"]}
+            for index, row in enumerate(rows)
+        ]
         return take_subset(rows, self.limit, self.seed)
 
 

@@ -34,7 +34,9 @@ class HeldOutSplit:
             ]
         if not rows:
             raise ValueError("benchmark heldout: the datamodule has no validation rows (set its val size)")
-        rows = [{"id": str(i), "problem": r["problem"], "answer": r.get("answer", "")} for i, r in enumerate(rows)]
+        rows = [
+            {"id": str(i), "problem": r["problem"], "answer": r.get("answer", "")} for i, r in enumerate(rows)
+        ]
         return take_subset(rows, self.limit, self.seed)
 
 
@@ -45,7 +47,9 @@ def collate_problems(rows: list[dict[str, str]]) -> dict[str, list[str]]:
 class WithBenchmarks(L.LightningDataModule):
     """Training from `datamodule`, validation/test on `benchmarks` (one dataloader each)."""
 
-    def __init__(self, datamodule: L.LightningDataModule, benchmarks: Sequence, problems_per_batch: int) -> None:
+    def __init__(
+        self, datamodule: L.LightningDataModule, benchmarks: Sequence, problems_per_batch: int
+    ) -> None:
         super().__init__()
         self.datamodule = datamodule
         self.benchmarks = list(benchmarks)

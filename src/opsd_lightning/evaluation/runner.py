@@ -35,8 +35,14 @@ class EvalSettings:
             raise ValueError(f"evaluation.num_samples={self.num_samples} must be >= 1")
         bad = [k for k in self.ks if not 1 <= k <= self.num_samples]
         if bad:
-            raise ValueError(f"evaluation.ks={list(self.ks)}: each k must be in [1, num_samples={self.num_samples}]")
+            raise ValueError(
+                f"evaluation.ks={list(self.ks)}: each k must be in [1, num_samples={self.num_samples}]"
+            )
         self.ks = list(self.ks)
+
+    def metric_name(self, key: str) -> str:
+        """`avg@n` from the metrics carries the actual number of samples in reports and logs."""
+        return f"avg@{self.num_samples}" if key == "avg@n" else key
 
     @property
     def problems_per_batch(self) -> int:

@@ -1,0 +1,179 @@
+"""Benchmarks load from the shared files, compose as lists, opsd-eval writes its outputs, and the
+evaluation prompt is the training student context rendered by the chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+from transformers import AutoTokenizer
+
+from opsd_lightning._paths import config_dir
+from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.evaluation import runner
+from opsd_lightning.evaluation.runner import EvalSettings, score_problems
+from opsd_lightning.rollout import Rollout
+
+from .conftest import shared_path
+from .test_configs import compose_train
+
+SHARED_FILES = {
+    "math500": ("math500.jsonl", 500),
+    "aime24": ("aime24.jsonl", 30),
+    "aime25": ("aime25.jsonl", 30),
+    "hmmt25": ("hmmt_feb25.jsonl", 30),
+    "amc23": ("amc23.jsonl", 40),
+    "minerva": ("minerva.jsonl", 272),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_FILES))
+def test_each_benchmark_config_reads_its_shared_file(name, tmp_path):
+    file, rows = SHARED_FILES[name]
+    path = shared_path("benchmarks", file)
+    cfg = compose_train([f"benchmark={name}", f"benchmark.{name}.path={path}"], tmp_path)
+    benchmark = instantiate(cfg.benchmark[name])
+    loaded = benchmark.load()
+    assert len(loaded) == rows
+    assert all(row["problem"] and row["answer"] for row in loaded)
+    assert len({row["id"] for row in loaded}) == rows  # ids are unique
+    limited = instantiate(cfg.benchmark[name], limit=7).load()
+    assert len(limited) == 7 and limited == instantiate(cfg.benchmark[name], limit=7).load()
+
+
+def test_benchmarks_compose_as_a_list(tmp_path):
+    cfg = compose_train(["benchmark=[heldout,math500,aime24]"], tmp_path)
+    assert list(cfg.benchmark) == ["heldout", "math500", "aime24"]
+    assert cfg.benchmark.aime24.hub_id == "HuggingFaceH4/aime_2024"
+
+
+def test_a_missing_benchmark_column_names_the_file_and_columns(tmp_path):
+    from opsd_lightning.evaluation import Benchmark
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl has no column 'problem'.*available columns"):
+        Benchmark(name="mine", path=str(bad)).load()
+
+
+class _FakeModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_evaluation_prompt_is_the_chat_template_student_context(thinking, monkeypatch):
+    """With the real Qwen3 tokenizer, what evaluation feeds `generate` is exactly the chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
+    tokenizer.padding_side = "left"
+    contexts = ContextRenderer(tokenizer, student_enable_thinking=thinking)
+    seen = {}
+
+    def fake_generate(model, prompt, sampling, eos_ids, pad_id, seed=None):
+        seen["prompt"] = prompt
+        completion = torch.tensor(tokenizer.encode("so \\boxed{4}<|im_end|>"))
+        ids = completion.repeat(prompt.input_ids.shape[0], 1)
+        return Rollout(
+            ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool), 0.0
+        )
+
+    monkeypatch.setattr(runner, "generate_rollouts", fake_generate)
+    batch = {"id": ["a"], "problem": ["What is $2+2$?"], "answer": ["4"]}
+    results = score_problems(
+        _FakeModel(), tokenizer, contexts, batch, EvalSettings(num_samples=2), [151645], 0
+    )
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": contexts.student_template.replace("{problem}", "What is $2+2$?")}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=thinking,
+    )
+    row = seen["prompt"].input_ids[0][seen["prompt"].attention_mask[0].bool()].tolist()
+    assert tokenizer.decode(row) == expected
+    assert row == tokenizer.encode(expected, add_special_tokens=False)
+    assert results[0].answers == ["4", "4"] and results[0].correct == [True, True]
+
+
+def compose_eval(overrides: list[str], tmp_path: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+        cfg = compose("eval", overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "evaluation.sampling.max_new_tokens=8",
+    "evaluation.num_samples=2",
+    "evaluation.ks=[1,2]",
+]
+
+
+def test_opsd_eval_of_a_training_checkpoint_reproduces_the_training_test_metrics(tmp_path):
+    from opsd_lightning.evaluate import evaluate
+    from opsd_lightning.train import train
+
+    run = tmp_path / "train"
+    trained = train(
+        compose_train(
+            [
+                "warmup=none",
+                *SMALL,
+                "data.train_size=16",
+                "data.val_size=6",
+                "data.batch_size=2",
+                "trainer.max_steps=2",
+                "algorithm.sampling.max_new_tokens=8",
+                "logger=none",
+                "validate_before=false",
+            ],
+            run,
+        )
+    )
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    summary = evaluate(
+        compose_eval(
+            ["warmup=none", *SMALL, "data.val_size=6", "benchmark=heldout", f"checkpoint={checkpoint}"], out
+        )
+    )
+    assert summary["heldout"]["problems"] == 6
+    assert summary["heldout"]["avg@2"] == pytest.approx(trained["final"]["test/heldout/avg@2"])
+    lines = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and set(lines[0]) == {
+        "id",
+        "problem",
+        "reference",
+        "completions",
+        "answers",
+        "correct",
+        "lengths",
+        "truncated",
+    }
+    assert len(lines[0]["completions"]) == 2
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["benchmarks"]["heldout"]["avg@2"] == summary["heldout"]["avg@2"]
+
+
+def test_opsd_eval_rejects_a_missing_checkpoint(tmp_path):
+    from opsd_lightning.evaluate import evaluate
+
+    with pytest.raises(FileNotFoundError, match="checkpoint=.*does not exist"):
+        evaluate(compose_eval(["warmup=none", *SMALL, f"checkpoint={tmp_path / 'nope.ckpt'}"], tmp_path))
