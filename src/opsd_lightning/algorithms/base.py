@@ -1,5 +1,5 @@
 """What every on-policy algorithm shares: rollouts, a token-mean loss over the whole optimizer step,
-manual optimization, accounting, and held-out accuracy in the validation/test loops.
+manual optimization, accounting, and benchmark evaluation in the validation/test loops.
 
 Subclasses implement `micro_batch_loss(batch)` returning the SUM of per-token losses and the token
 count; the base class turns those into one token-mean gradient per optimizer step, across gradient
@@ -23,7 +23,7 @@ from opsd_lightning.evaluation.grading import answers_equivalent
 from opsd_lightning.evaluation.metrics import BenchmarkMetrics
 from opsd_lightning.evaluation.runner import EvalSettings, as_settings, score_problems
 from opsd_lightning.models import eos_token_ids
-from opsd_lightning.rollout import Rollout, SamplingConfig, eval_mode, generate_rollouts
+from opsd_lightning.rollout import Rollout, SamplingConfig, generate_rollouts
 
 RAW_BATCH_KEYS = ("problem", "solution")
 
@@ -102,7 +102,9 @@ class PolicyModule(L.LightningModule):
         self.model = model
         self.tokenizer = tokenizer
         self.contexts = contexts
-        self.sampling = _sampling(sampling, SamplingConfig())
+        self.sampling = (
+            SamplingConfig(**sampling) if isinstance(sampling, Mapping) else sampling or SamplingConfig()
+        )
         self.evaluation = as_settings(evaluation)
         self.benchmarks = list(benchmarks)
         self.optimizer_factory = optimizer
@@ -210,7 +212,7 @@ class PolicyModule(L.LightningModule):
         self.generated_tokens += total
         return total
 
-    # ---- held-out evaluation ----------------------------------------------------------------
+    # ---- benchmark evaluation ----------------------------------------------------------------
     def _evaluate(self, batch: Mapping, batch_idx: int, stage: str, dataloader_idx: int) -> None:
         # Seeded by position, as opsd-eval does: every evaluation of the same model draws the same
         # samples, and before/after comparisons share their random numbers.
@@ -260,12 +262,3 @@ class PolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.generated_tokens = checkpoint.get("opsd_generated_tokens", 0)
-
-
-def _sampling(value: SamplingConfig | Mapping | None, default: SamplingConfig) -> SamplingConfig:
-    if value is None:
-        return default
-    return value if isinstance(value, SamplingConfig) else SamplingConfig(**value)
-
-
-__all__ = ["MicroBatchLoss", "PolicyModule", "completion_logits", "check_raw_batch", "eval_mode"]
