@@ -177,3 +177,25 @@ def test_opsd_eval_rejects_a_missing_checkpoint(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="checkpoint=.*does not exist"):
         evaluate(compose_eval(["warmup=none", *SMALL, f"checkpoint={tmp_path / 'nope.ckpt'}"], tmp_path))
+
+
+def test_an_adapter_folder_loads_with_peft_and_reproduces_the_student(tmp_path):
+    from opsd_lightning.evaluate import load_weights
+    from opsd_lightning.models import build_tiny
+    from opsd_lightning.peft_utils import apply_peft
+
+    small = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+    student = build_tiny(**small, seed=0)
+    student.model = apply_peft(
+        student.model, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    )
+    with torch.no_grad():
+        for name, param in student.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    student.model.save_pretrained(tmp_path / "adapter")
+    probe = torch.tensor([[1, 20, 21, 22, 23]])
+    reloaded = load_weights(build_tiny(**small, seed=0), checkpoint=None, adapter=str(tmp_path / "adapter"))
+    with torch.no_grad():
+        expected = student.model.eval()(input_ids=probe).logits
+        torch.testing.assert_close(reloaded.model.eval()(input_ids=probe).logits, expected)

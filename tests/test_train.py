@@ -35,7 +35,13 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
     from opsd_lightning.train import metric_value, train
 
     cfg = compose_train(
-        [*TINY, f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path
+        [
+            *TINY,
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "trainer.val_check_interval=1",
+        ],
+        tmp_path,
     )
     metrics = train(cfg)
     out = Path(metrics["output_dir"])
@@ -64,7 +70,10 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
         "train/rollout_tokens_per_s",
         "train/generated_tokens_total",
     } <= set(saved["train"])
-    assert (out / "csv" / "metrics.csv").is_file()
+    logged = (out / "csv" / "metrics.csv").read_text().splitlines()
+    avg_column = logged[0].split(",").index("val/heldout/avg@2")
+    # Validation before training and after each of the 2 steps (val_check_interval=1).
+    assert sum(1 for line in logged[1:] if line.split(",")[avg_column]) == 3
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert metric_value(metrics, cfg.optimized_metric) == saved["final"]["test/heldout/avg@2"]
     with pytest.raises(KeyError, match="optimized_metric"):
