@@ -123,7 +123,7 @@ def test_a_user_datamodule_plugs_in_with_data_target(tmp_path, monkeypatch):
 
 
 def test_an_unknown_data_option_names_the_class_and_option(tmp_path):
-    from opsd_lightning.train import instantiate_datamodule
+    from opsd_lightning.app import instantiate_datamodule
 
     cfg = compose_train(["+data.trian_size=3"], tmp_path)
     with pytest.raises(ValueError, match="trian_size"):

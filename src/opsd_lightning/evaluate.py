@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from opsd_lightning._paths import config_dir
+from opsd_lightning.app import build_benchmarks, build_model, instantiate_datamodule, output_dir
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.grading import answers_equivalent
 from opsd_lightning.evaluation.loaders import collate_problems
@@ -26,7 +27,6 @@ from opsd_lightning.evaluation.metrics import BenchmarkMetrics
 from opsd_lightning.evaluation.runner import EvalSettings, score_problems
 from opsd_lightning.models import LoadedModel, eos_token_ids
 from opsd_lightning.peft_utils import apply_peft
-from opsd_lightning.train import build_benchmarks, build_model, instantiate_datamodule, output_dir
 
 log = logging.getLogger(__name__)
 
