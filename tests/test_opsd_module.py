@@ -115,3 +115,16 @@ def test_lora_fit_trains_only_adapters_and_the_fixed_teacher_is_the_base(fresh_t
             torch.testing.assert_close(teacher(input_ids=probe).logits, base_logits)
         student_logits = fresh_tiny.model(input_ids=probe).logits
     assert not torch.allclose(student_logits, base_logits)
+
+
+def test_truncated_rollouts_are_counted_and_can_be_masked(fresh_tiny, tmp_path):
+    """A 2-token budget truncates every rollout of a random model: with mask_truncated nothing is trained."""
+    module = make_module(fresh_tiny, FixedTeacher(), mask_truncated=True)
+    module.sampling.max_new_tokens = 2
+    before = {k: v.clone() for k, v in fresh_tiny.model.state_dict().items()}
+    trainer = fit(module, steps=1, tmp_path=tmp_path)
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/truncation_rate"]) == 1.0
+    assert float(metrics["train/trained_tokens"]) == 0.0
+    assert float(metrics["train/generated_tokens_total"]) == 4.0  # 2 rollouts x 2 tokens, still counted
+    assert all(torch.equal(v, before[k]) for k, v in fresh_tiny.model.state_dict().items())

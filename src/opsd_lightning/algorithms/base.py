@@ -189,10 +189,15 @@ class PolicyModule(L.LightningModule):
                 self.clip_gradients(
                     optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
                 )
-            optimizer.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
+        else:
+            # Nothing to learn from (e.g. every rollout truncated and masked). Still take the step, with
+            # no gradients, so that the step counter, the schedule and max_steps move on.
+            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        if num_tokens > 0:
             self.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds = time.perf_counter() - self._window["start"]
