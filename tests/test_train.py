@@ -135,3 +135,25 @@ def test_a_batch_with_the_wrong_keys_shows_the_expected_schema():
 
     with pytest.raises(ValueError, match=r'"problem": list\[str\].*missing: problem, solution'):
         check_raw_batch({"question": ["1+1"], "input_ids": [[1, 2]]})
+
+
+def test_opsd_train_multirun_over_algorithms(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(tmp_path / "cache")}
+    command = [
+        sys.executable,
+        "-m",
+        "opsd_lightning.train",
+        "-m",
+        "algorithm=opsd,sft,grpo",
+        f"hydra.sweep.dir={tmp_path}",
+        "logger=none",
+        "callbacks=none",
+        "validate_before=false",
+        *[o for o in TINY if not o.startswith("callbacks.")],
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(jobs) == 3
+    steps = {json.loads(job.read_text())["optimizer_steps"] for job in jobs}
+    assert steps == {2}

@@ -98,7 +98,7 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
     for benchmark, count in metrics["benchmarks"].items():
         for label, stage, values in (
             ("base", "val", metrics.get("base")),
-            ("after OPSD", "test", metrics["final"]),
+            (f"after {algorithm_name(cfg)}", "test", metrics["final"]),
         ):
             if values:
                 cells = " | ".join(
@@ -110,6 +110,11 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
         f"{metrics['wall_seconds']} s wall time. Outputs: {metrics['output_dir']}"
     )
     return "\n".join(lines)
+
+
+def algorithm_name(cfg: DictConfig) -> str:
+    """`OPSD`, `SFT`, `GRPO`, ... from the algorithm's class name."""
+    return cfg.algorithm._target_.rsplit(".", 1)[-1].removesuffix("Module")
 
 
 def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:

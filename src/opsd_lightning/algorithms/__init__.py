@@ -1,6 +1,8 @@
 """LightningModules: one per training algorithm."""
 
 from opsd_lightning.algorithms.base import PolicyModule
+from opsd_lightning.algorithms.grpo import GRPOModule
 from opsd_lightning.algorithms.opsd import OPSDModule
+from opsd_lightning.algorithms.sft import SFTModule
 
-__all__ = ["OPSDModule", "PolicyModule"]
+__all__ = ["GRPOModule", "OPSDModule", "PolicyModule", "SFTModule"]
