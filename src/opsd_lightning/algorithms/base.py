@@ -121,6 +121,7 @@ class PolicyModule(L.LightningModule):
             }
         )
         self.generated_tokens = 0  # cumulative over all ranks, saved in checkpoints
+        self._fit_start = time.perf_counter()
         self._window: dict[str, float] = {}
         self._window_stats: dict[str, list[float]] = {}
 
@@ -134,6 +135,7 @@ class PolicyModule(L.LightningModule):
     def on_train_start(self) -> None:
         # from_pretrained leaves models in eval mode and Lightning keeps modes as it finds them.
         self.train()
+        self._fit_start = time.perf_counter()
 
     # ---- shared pieces ----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -205,6 +207,9 @@ class PolicyModule(L.LightningModule):
         self.log("train/trained_tokens", num_tokens)
         self.log("train/step_seconds", step_seconds)
         self.log("train/generated_tokens_total", float(self.generated_tokens), prog_bar=True)
+        # The same accounting for every algorithm, so runs compare on cost as well as accuracy.
+        self.log("train/optimizer_steps", float(self.global_step))
+        self.log("train/wall_seconds", time.perf_counter() - self._fit_start)
         for name, values in self._window_stats.items():
             self.log(f"train/{name}", sum(values) / len(values), prog_bar=name == "completion_length")
 
