@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
+from opsd_lightning.evaluation.benchmarks import take_subset
+
 
 class HeldOutSplit:
     """The training datamodule's own validation split, as a benchmark named `heldout`."""
@@ -23,8 +25,6 @@ class HeldOutSplit:
         return "the datamodule's validation split"
 
     def load_from(self, datamodule: L.LightningDataModule) -> list[dict[str, str]]:
-        from opsd_lightning.evaluation.benchmarks import take_subset
-
         rows = getattr(datamodule, "val_rows", None)
         if rows is None:  # any LightningDataModule: read its validation batches
             rows = [
