@@ -36,6 +36,24 @@ def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     return cfg
 
 
+def effective_signature(target) -> inspect.Signature:
+    """The keyword arguments a target really takes: a class whose __init__ forwards **kwargs to its base
+    also takes the base's (so a typo is still caught, not swallowed by **kwargs)."""
+    if not isinstance(target, type) or not target.__module__.startswith("opsd_lightning"):
+        return inspect.signature(target)  # only our own classes are known to forward to their base
+    collected: dict[str, inspect.Parameter] = {}
+    for cls in target.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        for p in parameters:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in collected:
+                collected[p.name] = p.replace(kind=p.KEYWORD_ONLY)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return inspect.Signature(sorted(collected.values(), key=lambda p: p.default is not p.empty))
+
+
 def check_binds(node, where: str) -> None:
     """Recursively bind each `_target_` node's keys to the target's signature."""
     if isinstance(node, ListConfig):
@@ -47,7 +65,7 @@ def check_binds(node, where: str) -> None:
     if "_target_" in node:
         target = get_object(node._target_)
         kwargs = {k: v for k, v in node.items() if k not in RESERVED}
-        signature = inspect.signature(target)
+        signature = effective_signature(target)
         try:
             signature.bind_partial(**kwargs)
         except TypeError as err:
@@ -92,6 +110,10 @@ def test_every_group_option_composes_and_binds(group, option, tmp_path):
 def test_a_typo_in_an_option_is_caught(tmp_path):
     cfg = compose_train(["+divergence.betta=0.5"], tmp_path)
     with pytest.raises(AssertionError, match="betta"):
+        check_binds(cfg, "cfg")
+    # An algorithm forwards its base options through **kwargs; a typo there is still caught.
+    cfg = compose_train(["+algorithm.acumulate_grad_batches=2"], tmp_path)
+    with pytest.raises(AssertionError, match="acumulate_grad_batches"):
         check_binds(cfg, "cfg")
 
 

@@ -80,15 +80,16 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
         metric_value(metrics, "val/nope")
 
 
-def test_opsd_train_multirun_runs_one_job_per_divergence(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(tmp_path / "cache")}
+def run_multirun(sweep: str, sweep_dir: Path) -> list[Path]:
+    """`opsd-train -m <sweep>` on the tiny model in a subprocess; the metrics.json of every job."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(sweep_dir / "cache")}
     command = [
         sys.executable,
         "-m",
         "opsd_lightning.train",
         "-m",
-        "divergence=forward_kl,reverse_kl,jsd,topk,sampled_token",
-        f"hydra.sweep.dir={tmp_path}",
+        sweep,
+        f"hydra.sweep.dir={sweep_dir}",
         "logger=none",
         "callbacks=none",
         "validate_before=false",
@@ -96,7 +97,11 @@ def test_opsd_train_multirun_runs_one_job_per_divergence(tmp_path):
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(tmp_path.glob("*/metrics.json"))
+    return sorted(sweep_dir.glob("*/metrics.json"))
+
+
+def test_opsd_train_multirun_runs_one_job_per_divergence(tmp_path):
+    jobs = run_multirun("divergence=forward_kl,reverse_kl,jsd,topk,sampled_token", tmp_path)
     assert len(jobs) == 5
     divergences = set()
     for job in jobs:
@@ -138,22 +143,6 @@ def test_a_batch_with_the_wrong_keys_shows_the_expected_schema():
 
 
 def test_opsd_train_multirun_over_algorithms(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(tmp_path / "cache")}
-    command = [
-        sys.executable,
-        "-m",
-        "opsd_lightning.train",
-        "-m",
-        "algorithm=opsd,sft,grpo",
-        f"hydra.sweep.dir={tmp_path}",
-        "logger=none",
-        "callbacks=none",
-        "validate_before=false",
-        *[o for o in TINY if not o.startswith("callbacks.")],
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(tmp_path.glob("*/metrics.json"))
+    jobs = run_multirun("algorithm=opsd,sft,grpo", tmp_path)
     assert len(jobs) == 3
-    steps = {json.loads(job.read_text())["optimizer_steps"] for job in jobs}
-    assert steps == {2}
+    assert {json.loads(job.read_text())["optimizer_steps"] for job in jobs} == {2}

@@ -3,18 +3,15 @@ clipped policy-gradient objective, optional KL to the initial policy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
-from opsd_lightning.contexts import ContextRenderer, build_scoring_batch
+from opsd_lightning.contexts import build_scoring_batch
 from opsd_lightning.evaluation.grading import extract_answer, grade
-from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.losses.policy_gradient import clipped_policy_loss, group_advantages, k3_kl
-from opsd_lightning.rollout import SamplingConfig, eval_mode
+from opsd_lightning.rollout import eval_mode
 from opsd_lightning.teachers import FixedTeacher
 
 
@@ -27,36 +24,8 @@ class GRPOModule(PolicyModule):
         kl_coef: weight of the per-token KL(π‖π_0) to the initial weights (0 = off, no reference kept).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        contexts: ContextRenderer,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        group_size: int = 4,
-        clip: float = 0.2,
-        kl_coef: float = 0.0,
-        sampling: SamplingConfig | Mapping | None = None,
-        evaluation: EvalSettings | Mapping | None = None,
-        benchmarks: Sequence[str] = ("heldout",),
-        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: float | None = 1.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            model,
-            tokenizer,
-            contexts,
-            optimizer,
-            sampling=sampling,
-            evaluation=evaluation,
-            benchmarks=benchmarks,
-            scheduler=scheduler,
-            accumulate_grad_batches=accumulate_grad_batches,
-            gradient_clip_val=gradient_clip_val,
-            seed=seed,
-        )
+    def __init__(self, *args, group_size: int = 4, clip: float = 0.2, kl_coef: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         if group_size < 2:
             raise ValueError(f"algorithm.group_size={group_size} must be >= 2 (advantages are relative)")
         if not 0 < clip < 1:

@@ -10,17 +10,14 @@ training_step, per micro-batch (see `PolicyModule` for the step-level reduction)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
-from opsd_lightning.contexts import ContextRenderer, build_scoring_batch
-from opsd_lightning.evaluation.runner import EvalSettings
+from opsd_lightning.contexts import build_scoring_batch
 from opsd_lightning.losses import Divergence, masked_token_sum
-from opsd_lightning.rollout import SamplingConfig, eval_mode
+from opsd_lightning.rollout import eval_mode
 from opsd_lightning.teachers import DynamicTeacher, Teacher
 
 
@@ -36,34 +33,13 @@ class OPSDModule(PolicyModule):
 
     def __init__(
         self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        contexts: ContextRenderer,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        *args,
         divergence: Divergence,
         teacher: Teacher | None = None,
         mask_truncated: bool = False,
-        sampling: SamplingConfig | Mapping | None = None,
-        evaluation: EvalSettings | Mapping | None = None,
-        benchmarks: Sequence[str] = ("heldout",),
-        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: float | None = 1.0,
-        seed: int = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            model,
-            tokenizer,
-            contexts,
-            optimizer,
-            sampling=sampling,
-            evaluation=evaluation,
-            benchmarks=benchmarks,
-            scheduler=scheduler,
-            accumulate_grad_batches=accumulate_grad_batches,
-            gradient_clip_val=gradient_clip_val,
-            seed=seed,
-        )
+        super().__init__(*args, **kwargs)
         self.divergence = divergence
         self.teacher = teacher if teacher is not None else DynamicTeacher()
         self.teacher.attach(self.model)
