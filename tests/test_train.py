@@ -143,6 +143,11 @@ def test_a_batch_with_the_wrong_keys_shows_the_expected_schema():
 
 
 def test_opsd_train_multirun_over_algorithms(tmp_path):
+    from opsd_lightning.report import write_report
+
     jobs = run_multirun("algorithm=opsd,sft,grpo", tmp_path)
     assert len(jobs) == 3
     assert {json.loads(job.read_text())["optimizer_steps"] for job in jobs} == {2}
+    report = write_report(tmp_path).read_text()
+    assert all(f"| algorithm={name} | 1 |" in report for name in ("opsd", "sft", "grpo"))
+    assert (tmp_path / "accuracy_vs_tokens.png").is_file()
