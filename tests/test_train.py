@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.errors import InstantiationException
 
 from .test_configs import compose_train
 
@@ -151,3 +152,25 @@ def test_opsd_train_multirun_over_algorithms(tmp_path):
     report = write_report(tmp_path).read_text()
     assert all(f"| algorithm={name} | 1 |" in report for name in ("opsd", "sft", "grpo"))
     assert (tmp_path / "accuracy_vs_tokens.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("divergence.beta=2", "beta"),
+        ("evaluation.ks=[8]", "evaluation.ks"),
+        ("teacher.decay=1.5", "teacher.decay"),
+    ],
+)
+def test_bad_options_fail_before_anything_is_loaded(override, message, tmp_path, monkeypatch):
+    from opsd_lightning import train as train_module
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model or datamodule was loaded before the bad option was reported")
+
+    monkeypatch.setattr(train_module, "instantiate_datamodule", must_not_load)
+    monkeypatch.setattr(train_module, "build_model", must_not_load)
+    overrides = ["divergence=jsd", "teacher=ema"] + [override]
+    # Hydra wraps errors raised inside a target as InstantiationException, naming the config key.
+    with pytest.raises((ValueError, InstantiationException), match=message):
+        train_module.train(compose_train(overrides, tmp_path))

@@ -34,10 +34,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    # Cheap objects first, so a bad option (divergence.beta=2, teacher.decay=1) fails before the
+    # warm-up, the data or the model are loaded.
+    for group in ("divergence", "teacher"):
+        if cfg.get(group):
+            instantiate(cfg[group])
+    settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
 
     datamodule = instantiate_datamodule(cfg.data)
     datamodule.setup("fit")
-    settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     data = WithBenchmarks(datamodule, build_benchmarks(cfg), settings.problems_per_batch)
     data.setup("fit")
     loaded = build_model(cfg, datamodule)
