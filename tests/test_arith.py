@@ -27,3 +27,19 @@ def test_validation_problems_are_held_out_and_batches_are_raw_text():
     batch = next(iter(data.train_dataloader()))
     assert set(batch) == {"problem", "solution", "answer"} and len(batch["problem"]) == 4
     assert all(isinstance(text, str) for text in batch["solution"])
+
+
+def test_net_change_references_use_another_order_and_the_same_answer():
+    from opsd_lightning.data.arith import ArithProblem
+
+    problem = ArithProblem("Ava", "apples", 7, (5, -3), ("buys 5 more", "loses 3"))
+    assert problem.reference_text("net_change") == (
+        "The changes add up to 5 - 3 = 2. So Ava has 7 + 2 = 9. Final answer: \\boxed{9}."
+    )
+    assert problem.reference_text("steps") == problem.solution_text()
+    data = ArithDataModule(train_size=20, val_size=5, reference_style="net_change")
+    data.setup("fit")
+    assert all(row["solution"].startswith("The changes add up to") for row in data.train_rows)
+    assert [r["answer"] for r in data.val_rows] == [
+        r["answer"] for r in ArithDataModule(val_size=5).build_splits()[1]
+    ]

@@ -50,6 +50,7 @@ class WarmupConfig:
     weight_decay: float = 0.01
     teacher_fraction: float = 0.5
     slip_rate: float = 0.25
+    reference_style: str = "steps"
     num_steps: tuple[int, ...] = (2, 3)
     max_start: int = 12
     max_change: int = 6
@@ -157,7 +158,7 @@ def warmup_pair(
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     completion = [*encoding["input_ids"], tokenizer.eos_token_id]
     if rng.random() < warmup.teacher_fraction:
-        prompt = renderer.teacher_ids(problem.problem_text(), problem.solution_text())
+        prompt = renderer.teacher_ids(problem.problem_text(), problem.reference_text(warmup.reference_style))
         in_slip = [
             any(a < end and start < b for a, b in slip_spans) for start, end in encoding["offset_mapping"]
         ]

@@ -55,6 +55,25 @@ class ArithProblem:
         sentences.append(f"How many {self.item} does {self.name} have now?")
         return " ".join(sentences)
 
+    def reference_text(self, style: str = "steps") -> str:
+        """The reference solution in a given style.
+
+        `steps` is the base model's own style (running totals). `net_change` is "another model's": it
+        sums the changes first and applies them once, a different order with different intermediate
+        values, so SFT on it pulls the model off its own way of solving.
+        """
+        if style == "steps":
+            return self.solution_text()
+        if style == "net_change":
+            signed = " ".join(f"{'+' if c > 0 else '-'} {abs(c)}" for c in self.changes).lstrip("+ ")
+            net = sum(self.changes)
+            return (
+                f"The changes add up to {signed} = {net}. "
+                f"So {self.name} has {self.start} {'+' if net >= 0 else '-'} {abs(net)} = {self.answer}. "
+                f"Final answer: \\boxed{{{self.answer}}}."
+            )
+        raise ValueError(f"reference_style={style!r}: use 'steps' or 'net_change'")
+
     def solution_text(self, slips: Sequence[int] | None = None) -> str:
         """The step-by-step solution (see `solution_with_slips`)."""
         return self.solution_with_slips(slips)[0]
@@ -130,18 +149,20 @@ def generate_problems(
     return problems
 
 
-def to_row(problem: ArithProblem) -> dict[str, str]:
+def to_row(problem: ArithProblem, reference_style: str = "steps") -> dict[str, str]:
     """The raw-text row every datamodule yields: problem, reference solution, answer."""
     return {
         "problem": problem.problem_text(),
-        "solution": problem.solution_text(),
+        "solution": problem.reference_text(reference_style),
         "answer": str(problem.answer),
     }
 
 
-def generate_examples(count: int, seed: int, *args, **kwargs) -> list[dict[str, str]]:
+def generate_examples(
+    count: int, seed: int, *args, reference_style: str = "steps", **kwargs
+) -> list[dict[str, str]]:
     """`generate_problems` as raw-text rows."""
-    return [to_row(problem) for problem in generate_problems(count, seed, *args, **kwargs)]
+    return [to_row(problem, reference_style) for problem in generate_problems(count, seed, *args, **kwargs)]
 
 
 class ArithDataModule(RawTextDataModule):
@@ -154,6 +175,7 @@ class ArithDataModule(RawTextDataModule):
         num_steps: Sequence[int] = (2, 3),
         max_start: int = 12,
         max_change: int = 6,
+        reference_style: str = "steps",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -164,11 +186,15 @@ class ArithDataModule(RawTextDataModule):
         )
         self.train_size, self.val_size = train_size, val_size
         self.num_steps, self.max_start, self.max_change = list(num_steps), max_start, max_change
+        self.reference_style = reference_style
 
     def build_splits(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
         # Validation is drawn first from its own stream so it does not change when train_size does.
         task = (self.num_steps, self.max_start, self.max_change)
-        val = generate_examples(self.val_size, self.seed * 2 + 1, *task)
+        style = self.reference_style
+        val = generate_examples(self.val_size, self.seed * 2 + 1, *task, reference_style=style)
         held_out = {example["problem"] for example in val}
-        train = generate_examples(self.train_size, self.seed * 2, *task, exclude=held_out)
+        train = generate_examples(
+            self.train_size, self.seed * 2, *task, exclude=held_out, reference_style=style
+        )
         return train, val
