@@ -38,7 +38,7 @@ class EvalSettings:
             raise ValueError(
                 f"evaluation.ks={list(self.ks)}: each k must be in [1, num_samples={self.num_samples}]"
             )
-        self.ks = list(self.ks)
+        self.ks = list(dict.fromkeys(self.ks))  # [1, num_samples] with num_samples=1 is just [1]
 
     def metric_name(self, key: str) -> str:
         """`avg@n` from the metrics carries the actual number of samples in reports and logs."""
