@@ -123,7 +123,7 @@ def algorithm_name(cfg: DictConfig) -> str:
 
 
 def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
-    """Look up `optimized_metric`, e.g. `val/accuracy` in the final validation results."""
+    """Look up `optimized_metric`, e.g. `test/heldout/avg@4`, in the final (test) or last training metrics."""
     if not name:
         return None
     if name in metrics.get("final", {}):
