@@ -43,3 +43,15 @@ def test_net_change_references_use_another_order_and_the_same_answer():
     assert [r["answer"] for r in data.val_rows] == [
         r["answer"] for r in ArithDataModule(val_size=5).build_splits()[1]
     ]
+
+
+def test_task_seed_fixes_the_problems_while_seed_moves_the_training_order():
+    a = ArithDataModule(train_size=64, val_size=8, batch_size=64, seed=1, task_seed=0)
+    b = ArithDataModule(train_size=64, val_size=8, batch_size=64, seed=2, task_seed=0)
+    for data in (a, b):
+        data.setup("fit")
+    assert a.val_rows == b.val_rows and a.train_rows == b.train_rows
+    assert a.val_rows == ArithDataModule(train_size=64, val_size=8, seed=0).build_splits()[1]
+    order_a = next(iter(a.train_dataloader()))["problem"]
+    order_b = next(iter(b.train_dataloader()))["problem"]
+    assert sorted(order_a) == sorted(order_b) and order_a != order_b

@@ -121,3 +121,19 @@ def test_real_qwen3_tokenizer_renders_both_contexts_as_its_template_intends():
             assert expected_student.endswith(empty_think) != student_thinking
             assert expected_teacher.endswith(empty_think) != teacher_thinking
             assert solution in expected_teacher and solution not in expected_student
+
+
+def test_reason_first_teacher_context_holds_the_explanation_turn_then_the_follow_up(tiny):
+    renderer = ContextRenderer(tiny.tokenizer)
+    tok = tiny.tokenizer
+    rationale_prompt = tok.decode(renderer.rationale_batch(["P?"], ["R."]).input_ids[0])
+    assert "Explain the reasoning behind each step" in rationale_prompt and "R." in rationale_prompt
+    teacher = tok.decode(renderer.teacher_ids("P?", "R.", rationale="First add, then subtract."))
+    explain = teacher.index("Explain the reasoning")
+    answer = teacher.index("<|im_start|>assistant\nFirst add, then subtract.<|im_end|>")
+    follow_up = teacher.index("<|im_start|>user\nNow solve the problem yourself")
+    assert explain < answer < follow_up
+    assert teacher.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off
+    # Without a rationale the teacher context is the usual one-turn prompt.
+    assert renderer.teacher_ids("P?", "R.") == renderer.teacher_ids("P?", "R.", rationale=None)
+    assert "Explain" not in tok.decode(renderer.teacher_ids("P?", "R."))

@@ -102,6 +102,32 @@ def test_evaluation_prompt_is_the_chat_template_student_context(thinking, monkey
     assert results[0].answers == ["4", "4"] and results[0].correct == [True, True]
 
 
+def test_teacher_context_evaluation_puts_the_reference_in_view_and_needs_one(monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
+    tokenizer.padding_side = "left"
+    contexts = ContextRenderer(tokenizer)
+    seen = {}
+
+    def fake_generate(model, prompt, sampling, eos_ids, pad_id, seed=None):
+        seen["prompt"] = prompt
+        ids = torch.tensor(tokenizer.encode("\\boxed{4}<|im_end|>")).repeat(prompt.input_ids.shape[0], 1)
+        return Rollout(
+            ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool), 0.0
+        )
+
+    monkeypatch.setattr(runner, "generate_rollouts", fake_generate)
+    settings = EvalSettings(num_samples=1, context="teacher")
+    batch = {"id": ["a"], "problem": ["What is $2+2$?"], "answer": ["4"], "solution": ["2+2=4 REF"]}
+    score_problems(_FakeModel(), tokenizer, contexts, batch, settings, [151645], 0)
+    row = seen["prompt"].input_ids[0][seen["prompt"].attention_mask[0].bool()].tolist()
+    assert row == contexts.teacher_ids("What is $2+2$?", "2+2=4 REF")
+    without = {k: v for k, v in batch.items() if k != "solution"}
+    with pytest.raises(ValueError, match="evaluation.context=teacher needs reference solutions"):
+        score_problems(_FakeModel(), tokenizer, contexts, without, settings, [151645], 0)
+    with pytest.raises(ValueError, match="evaluation.context='oracle'"):
+        EvalSettings(context="oracle")
+
+
 def compose_eval(overrides: list[str], tmp_path: Path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):

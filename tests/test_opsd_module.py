@@ -128,3 +128,22 @@ def test_truncated_rollouts_are_counted_and_can_be_masked(fresh_tiny, tmp_path):
     assert float(metrics["train/trained_tokens"]) == 0.0
     assert float(metrics["train/generated_tokens_total"]) == 4.0  # 2 rollouts x 2 tokens, still counted
     assert all(torch.equal(v, before[k]) for k, v in fresh_tiny.model.state_dict().items())
+
+
+def test_reason_first_counts_the_teachers_explanation_tokens_and_trains(fresh_tiny, tmp_path):
+    plain = make_module(fresh_tiny, FixedTeacher())
+    fit(plain, steps=1, tmp_path=tmp_path)
+    module = make_module(
+        fresh_tiny,
+        FixedTeacher(),
+        reason_first=True,
+        rationale_sampling={"temperature": 0.0, "max_new_tokens": 5},
+    )
+    seen: list[list[str]] = []
+    original = module.teacher_rationales
+    module.teacher_rationales = lambda batch, i: seen.append(original(batch, i)) or seen[-1]
+    trainer = fit(module, steps=1, tmp_path=tmp_path)
+    assert len(seen) == 1 and len(seen[0]) == 2  # one explanation per problem of the batch
+    # The same rollouts as without reason-first, plus up to 5 explanation tokens per problem.
+    assert plain.generated_tokens < module.generated_tokens <= plain.generated_tokens + 2 * 5
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

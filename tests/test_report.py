@@ -9,13 +9,16 @@ import pytest
 from opsd_lightning.report import main, write_report
 
 
-def make_job(root, number, overrides, accuracy, tokens, losses):
+def make_job(root, number, overrides, accuracy, tokens, losses, base=None):
     job = root / str(number)
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     final = {"test/heldout/avg@4": accuracy, "test/heldout/pass@4": min(1.0, accuracy + 0.2)}
     (job / "metrics.json").write_text(
-        json.dumps({"final": final, "generated_tokens": tokens, "wall_seconds": 10.0})
+        json.dumps(
+            {"final": final, "generated_tokens": tokens, "wall_seconds": 10.0}
+            | ({"base": {"val/heldout/avg@4": base}} if base is not None else {})
+        )
     )
     (job / "csv").mkdir()
     rows = "".join(f"{step},{loss},40\n" for step, loss in enumerate(losses))
@@ -35,6 +38,13 @@ def test_report_averages_seeds_per_setting_and_writes_plots(tmp_path, capsys):
     assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     assert "Written:" in capsys.readouterr().out
+
+
+def test_report_has_one_base_row_over_every_job(tmp_path):
+    make_job(tmp_path, 0, ["algorithm=opsd", "seed=0"], 0.5, 1000, [0.3], base=0.3)
+    make_job(tmp_path, 1, ["algorithm=sft", "seed=0"], 0.6, 0, [1.0], base=0.5)
+    report = write_report(tmp_path).read_text()
+    assert "| base (before training) | 2 | 0.400 ± 0.141 | — | 0 | — |" in report
 
 
 def test_report_on_a_folder_without_runs_says_what_it_expected(tmp_path):

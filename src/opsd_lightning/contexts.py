@@ -26,6 +26,18 @@ DEFAULT_TEACHER_TEMPLATE = (
     "Please reason step by step, and put your final answer within \\boxed{}."
 )
 
+# Reason-first (optional): the teacher first explains the reference in its own words; the explanation
+# then stays in its context, and a follow-up turn asks it to solve the problem (the scored turn).
+DEFAULT_RATIONALE_TEMPLATE = (
+    "{problem}\n\n"
+    "Here is a reference solution to this problem:\n{solution}\n\n"
+    "Explain the reasoning behind each step of the reference solution."
+)
+DEFAULT_RATIONALE_FOLLOWUP = (
+    "Now solve the problem yourself, step by step, and reach the same final answer. "
+    "Please reason step by step, and put your final answer within \\boxed{}."
+)
+
 _PLACEHOLDER = re.compile(r"\{(problem|solution)\}")
 
 
@@ -104,6 +116,8 @@ class ContextRenderer:
         system_prompt: optional system message for both contexts.
         student_enable_thinking / teacher_enable_thinking: passed to the chat template independently.
         max_prompt_tokens: a prompt longer than this raises (truncation policies come with the data layer).
+        rationale_template / rationale_followup: reason-first only; the user turn asking the teacher to
+            explain the reference (`{problem}`, `{solution}`), and the turn after its explanation.
     """
 
     def __init__(
@@ -115,6 +129,8 @@ class ContextRenderer:
         student_enable_thinking: bool = False,
         teacher_enable_thinking: bool = False,
         max_prompt_tokens: int | None = None,
+        rationale_template: str = DEFAULT_RATIONALE_TEMPLATE,
+        rationale_followup: str = DEFAULT_RATIONALE_FOLLOWUP,
     ) -> None:
         if "{problem}" not in student_template:
             raise ValueError("context.student_template must contain {problem}")
@@ -129,24 +145,51 @@ class ContextRenderer:
         self.student_enable_thinking = student_enable_thinking
         self.teacher_enable_thinking = teacher_enable_thinking
         self.max_prompt_tokens = max_prompt_tokens
+        self.rationale_template = rationale_template
+        self.rationale_followup = rationale_followup
 
     def student_messages(self, problem: str) -> list[dict[str, str]]:
         return self._messages(fill_template(self.student_template, problem=problem))
 
-    def teacher_messages(self, problem: str, solution: str) -> list[dict[str, str]]:
-        return self._messages(fill_template(self.teacher_template, problem=problem, solution=solution))
+    def teacher_messages(
+        self, problem: str, solution: str, rationale: str | None = None
+    ) -> list[dict[str, str]]:
+        if rationale is None:
+            return self._messages(fill_template(self.teacher_template, problem=problem, solution=solution))
+        return [
+            *self.rationale_messages(problem, solution),
+            {"role": "assistant", "content": rationale},
+            {"role": "user", "content": self.rationale_followup},
+        ]
+
+    def rationale_messages(self, problem: str, solution: str) -> list[dict[str, str]]:
+        return self._messages(fill_template(self.rationale_template, problem=problem, solution=solution))
+
+    def rationale_batch(self, problems: Sequence[str], solutions: Sequence[str]) -> TokenBatch:
+        """Reason-first: prompts asking the teacher to explain each reference."""
+        ids = [
+            self._render(self.rationale_messages(p, s), self.teacher_enable_thinking)
+            for p, s in zip(problems, solutions, strict=True)
+        ]
+        return left_pad(ids, self.tokenizer.pad_token_id)
 
     def student_ids(self, problem: str) -> list[int]:
         return self._render(self.student_messages(problem), self.student_enable_thinking)
 
-    def teacher_ids(self, problem: str, solution: str) -> list[int]:
-        return self._render(self.teacher_messages(problem, solution), self.teacher_enable_thinking)
+    def teacher_ids(self, problem: str, solution: str, rationale: str | None = None) -> list[int]:
+        return self._render(self.teacher_messages(problem, solution, rationale), self.teacher_enable_thinking)
 
     def student_batch(self, problems: Sequence[str]) -> TokenBatch:
         return left_pad([self.student_ids(p) for p in problems], self.tokenizer.pad_token_id)
 
-    def teacher_batch(self, problems: Sequence[str], solutions: Sequence[str]) -> TokenBatch:
-        ids = [self.teacher_ids(p, s) for p, s in zip(problems, solutions, strict=True)]
+    def teacher_batch(
+        self,
+        problems: Sequence[str],
+        solutions: Sequence[str],
+        rationales: Sequence[str] | None = None,
+    ) -> TokenBatch:
+        rationales = rationales if rationales is not None else [None] * len(problems)
+        ids = [self.teacher_ids(p, s, r) for p, s, r in zip(problems, solutions, rationales, strict=True)]
         return left_pad(ids, self.tokenizer.pad_token_id)
 
     def _messages(self, user_content: str) -> list[dict[str, str]]:

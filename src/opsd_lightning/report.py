@@ -72,6 +72,16 @@ def markdown_table(groups: list[Group]) -> str:
     ]
     header = ["setting", "seeds", *names, "generated tokens", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # The base (evaluated before training in every job, validate_before=true): one row for all jobs
+    # when they share a base model, as the settings of a sweep usually do.
+    base_runs = [m["base"] for group in groups for m in group.metrics if m.get("base")]
+    if base_runs:
+        cells = ["base (before training)", str(len(base_runs))]
+        for name in names:
+            base_name = name.replace("test/", "val/", 1)
+            values = [run[base_name] for run in base_runs if base_name in run]
+            cells.append("{:.3f} ± {:.3f}".format(*mean_std(values)) if values else "—")
+        lines.append("| " + " | ".join([*cells, "0", "—"]) + " |")
     for group in groups:
         cells = [group.label, str(len(group.metrics))]
         for name in names:

@@ -82,20 +82,27 @@ def sft_tensors(
     }
 
 
-def tokenizer_corpus(problems: list[ArithProblem], templates: list[str]) -> list[str]:
-    """Text the tiny tokenizer learns its merges from: task text plus the prompt templates."""
+def tokenizer_corpus(
+    problems: list[ArithProblem], templates: list[str], reference_style: str = "steps"
+) -> list[str]:
+    """Text the tiny tokenizer learns its merges from: task text, references, the prompt templates."""
+    texts = [text for p in problems for text in (p.problem_text(), p.solution_text())]
+    if reference_style != "steps":  # `steps` references are the solutions themselves
+        texts += [p.reference_text(reference_style) for p in problems]
     # Templates are repeated so their words get merges: they appear in every prompt.
-    return [text for p in problems for text in (p.problem_text(), p.solution_text())] + templates * 200
+    return texts + templates * 200
 
 
 def warmup_fingerprint(
     model_kwargs: dict, warmup: WarmupConfig, renderer_settings: dict, exclude: list[str]
 ) -> str:
+    # Reason-first turns never appear in the warm-up, so they do not change the base.
+    unused = ("rationale_template", "rationale_followup")
     payload = {
         "version": WARMUP_VERSION,
         "model": model_kwargs,
         "warmup": {k: v for k, v in asdict(warmup).items() if k != "cache_dir"},
-        "contexts": renderer_settings,
+        "contexts": {k: v for k, v in renderer_settings.items() if k not in unused},
         "held_out": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -126,7 +133,7 @@ def prepare_tiny_base(
         exclude=set(held_out_problems),
     )
     templates = [context_kwargs.get("student_template", ""), context_kwargs.get("teacher_template", "")]
-    loaded = build_tiny(**model_kwargs, corpus=tokenizer_corpus(problems, templates))
+    loaded = build_tiny(**model_kwargs, corpus=tokenizer_corpus(problems, templates, warmup.reference_style))
     renderer = ContextRenderer(loaded.tokenizer, **context_kwargs)
     final_loss = train_supervised(loaded, renderer, problems, warmup)
 

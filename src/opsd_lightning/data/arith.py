@@ -180,10 +180,14 @@ class ArithDataModule(RawTextDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        task_seed: int | None = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed
         )
+        # The problems (and so the held-out set and the warm-up base) follow `task_seed`; `seed` alone
+        # then varies only the training order, so a sweep over seeds can share one base model.
+        self.task_seed = seed if task_seed is None else task_seed
         self.train_size, self.val_size = train_size, val_size
         self.num_steps, self.max_start, self.max_change = list(num_steps), max_start, max_change
         self.reference_style = reference_style
@@ -192,9 +196,9 @@ class ArithDataModule(RawTextDataModule):
         # Validation is drawn first from its own stream so it does not change when train_size does.
         task = (self.num_steps, self.max_start, self.max_change)
         style = self.reference_style
-        val = generate_examples(self.val_size, self.seed * 2 + 1, *task, reference_style=style)
+        val = generate_examples(self.val_size, self.task_seed * 2 + 1, *task, reference_style=style)
         held_out = {example["problem"] for example in val}
         train = generate_examples(
-            self.train_size, self.seed * 2, *task, exclude=held_out, reference_style=style
+            self.train_size, self.task_seed * 2, *task, exclude=held_out, reference_style=style
         )
         return train, val

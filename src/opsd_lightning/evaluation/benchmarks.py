@@ -25,7 +25,7 @@ class Benchmark:
         hub_id / subset / split: where the public evaluations load it from.
         path: local jsonl/json/parquet/csv file(s) instead of the hub; these may use the canonical
             column names `problem` / `answer` even when the hub copy names them differently.
-        columns: our field (`problem`, `answer`, optional `id`) -> source column.
+        columns: our field (`problem`, `answer`, optional `id` and `solution`) -> source column.
         limit: evaluate a fixed-seed random subset of this many problems (None = all).
     """
 
@@ -68,6 +68,8 @@ class Benchmark:
                 continue
             if column not in available and self.path is not None and field in available:
                 column = field  # a local copy in the canonical layout
+            if column not in available and field == "solution":
+                continue  # optional: only evaluation.context=teacher reads it
             if column not in available:
                 raise ValueError(
                     f"benchmark {self.name}: {self.source} has no column {column!r} for {field!r}; "
@@ -80,6 +82,7 @@ class Benchmark:
                 "problem": str(record[resolved["problem"]]),
                 "answer": str(record[resolved["answer"]]),
             }
+            | ({"solution": str(record[resolved["solution"]])} if "solution" in resolved else {})
             for index, record in enumerate(dataset)
         ]
         return take_subset(rows, self.limit, self.seed)
@@ -108,10 +111,7 @@ class ArithBenchmark:
     def load(self) -> list[dict[str, str]]:
         # Same stream as ArithDataModule's validation split, so training never sees these problems.
         rows = generate_examples(self.num_problems, self.seed * 2 + 1, *self.task)
-        rows = [
-            {"id": str(index), "problem": row["problem"], "answer": row["answer"]}
-            for index, row in enumerate(rows)
-        ]
+        rows = [{"id": str(index), **row} for index, row in enumerate(rows)]
         return take_subset(rows, self.limit, self.seed)
 
 

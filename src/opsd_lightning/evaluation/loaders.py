@@ -28,20 +28,26 @@ class HeldOutSplit:
         rows = getattr(datamodule, "val_rows", None)
         if rows is None:  # any LightningDataModule: read its validation batches
             rows = [
-                {key: batch[key][i] for key in ("problem", "answer") if key in batch}
+                {key: batch[key][i] for key in ("problem", "answer", "solution") if key in batch}
                 for batch in datamodule.val_dataloader()
                 for i in range(len(batch["problem"]))
             ]
         if not rows:
             raise ValueError("benchmark heldout: the datamodule has no validation rows (set its val size)")
         rows = [
-            {"id": str(i), "problem": r["problem"], "answer": r.get("answer", "")} for i, r in enumerate(rows)
+            {"id": str(i), "problem": r["problem"], "answer": r.get("answer", "")}
+            | ({"solution": r["solution"]} if r.get("solution") else {})
+            for i, r in enumerate(rows)
         ]
         return take_subset(rows, self.limit, self.seed)
 
 
 def collate_problems(rows: list[dict[str, str]]) -> dict[str, list[str]]:
-    return {key: [row[key] for row in rows] for key in ("id", "problem", "answer")}
+    """Problems for scoring; `solution` only when every row has one (for evaluation.context=teacher)."""
+    batch = {key: [row[key] for row in rows] for key in ("id", "problem", "answer")}
+    if rows and all(row.get("solution") for row in rows):
+        batch["solution"] = [row["solution"] for row in rows]
+    return batch
 
 
 class WithBenchmarks(L.LightningDataModule):

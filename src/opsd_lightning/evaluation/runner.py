@@ -1,5 +1,8 @@
 """Scoring completions on benchmark problems: sample k completions per problem from the student
-context (the same rendering as training), extract the last boxed answer, grade it."""
+context (the same rendering as training), extract the last boxed answer, grade it.
+
+`context=teacher` samples with the reference solution in view instead: how well the teacher solves
+the problem, which bounds what OPSD can distil."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class EvalSettings:
     ks: list[int] = field(default_factory=lambda: [1])
     batch_size: int = 256
     grade_timeout_s: float = 5.0
+    context: str = "student"  # "teacher": the reference solution in view (an upper bound for OPSD)
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, Mapping):
@@ -38,6 +42,8 @@ class EvalSettings:
             raise ValueError(
                 f"evaluation.ks={list(self.ks)}: each k must be in [1, num_samples={self.num_samples}]"
             )
+        if self.context not in ("student", "teacher"):
+            raise ValueError(f"evaluation.context={self.context!r}: use 'student' or 'teacher'")
         self.ks = list(dict.fromkeys(self.ks))  # [1, num_samples] with num_samples=1 is just [1]
 
     def metric_name(self, key: str) -> str:
@@ -88,7 +94,17 @@ def score_problems(
     references = list(batch.get("answer") or [""] * len(problems))
     ids = list(batch.get("id") or [str(index) for index in range(len(problems))])
     device = next(model.parameters()).device
-    prompt = contexts.student_batch([p for p in problems for _ in range(k)]).to(device)
+    repeated = [p for p in problems for _ in range(k)]
+    if settings.context == "teacher":
+        if not batch.get("solution"):
+            raise ValueError(
+                "evaluation.context=teacher needs reference solutions, and this benchmark has none "
+                "(its rows carry no 'solution'); use evaluation.context=student"
+            )
+        solutions = [s for s in batch["solution"] for _ in range(k)]
+        prompt = contexts.teacher_batch(repeated, solutions).to(device)
+    else:
+        prompt = contexts.student_batch(repeated).to(device)
     rollout = generate_rollouts(model, prompt, settings.sampling, eos_ids, tokenizer.pad_token_id, seed)
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
