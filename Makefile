@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 
-.PHONY: install train test test-all lint format clean
+.PHONY: install train experiment test test-all lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/opsd-train $(ARGS)
+
+# One experiment of experiments/ (a Hydra multirun + opsd-report): make experiment NAME=paper_table_mini
+experiment: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<one of: $$(ls experiments | grep -v custom | tr '\n' ' ')>"; exit 2; }
+	@test -f experiments/$(NAME)/run.sh || { echo "experiments/$(NAME)/run.sh does not exist"; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash experiments/$(NAME)/run.sh $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

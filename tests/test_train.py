@@ -89,7 +89,7 @@ def run_multirun(sweep: str, sweep_dir: Path) -> list[Path]:
         "-m",
         "opsd_lightning.train",
         "-m",
-        sweep,
+        *sweep.split(),
         f"hydra.sweep.dir={sweep_dir}",
         "logger=none",
         "callbacks=none",
@@ -174,3 +174,17 @@ def test_bad_options_fail_before_anything_is_loaded(override, message, tmp_path,
     # Hydra wraps errors raised inside a target as InstantiationException, naming the config key.
     with pytest.raises((ValueError, InstantiationException), match=message):
         train_module.train(compose_train(overrides, tmp_path))
+
+
+def test_experiment_sweeps_share_one_folder_with_one_subfolder_per_setting(tmp_path):
+    """The experiments' layout: two sweeps (as divergence_ablation's run.sh does) into one folder."""
+    from opsd_lightning.report import write_report
+
+    sweep = "experiment=divergence_ablation seed=0 hydra.sweep.subdir={}_${{hydra.job.num}}"
+    first = run_multirun(sweep.format("kl") + " divergence=forward_kl,sampled_token", tmp_path)
+    jobs = run_multirun(sweep.format("jsd") + " divergence=jsd divergence.beta=0.5", tmp_path)
+    assert len(first) == 2 and len(jobs) == 3
+    assert {job.parent.name for job in jobs} == {"kl_0", "kl_1", "jsd_0"}
+    report = write_report(tmp_path).read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| divergence")]
+    assert len(rows) == 3 and any("divergence=jsd" in r and "divergence.beta=0.5" in r for r in rows)

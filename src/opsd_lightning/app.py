@@ -52,16 +52,19 @@ def instantiate_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
 def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LoadedModel:
     """The configured model; for the tiny default, the cached warm-up base (trained on first use)."""
     is_tiny = str(cfg.model.get("_target_", "")).endswith("build_tiny")
-    if not cfg.get("warmup") or not is_tiny or cfg.model.get("checkpoint"):
-        if cfg.get("warmup") and not is_tiny:
+    # `warmup=none` with an experiment's pinned `warmup.context` left over still means no warm-up.
+    warmup_on = bool(cfg.get("warmup")) and any(key != "context" for key in cfg.warmup)
+    if not warmup_on or not is_tiny or cfg.model.get("checkpoint"):
+        if warmup_on and not is_tiny:
             log.info(
                 "warmup applies to model=tiny only; %s is loaded as it is", cfg.model.get("name_or_path")
             )
         return instantiate(cfg.model)
     held_out = [row["problem"] for row in getattr(datamodule, "val_rows", [])]
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    context_kwargs = OmegaConf.to_container(cfg.context, resolve=True)
-    folder = prepare_tiny_base(model_kwargs, WarmupConfig(**cfg.warmup), context_kwargs, held_out)
+    warmup = WarmupConfig(**OmegaConf.to_container(cfg.warmup, resolve=True))
+    context_kwargs = warmup.context or OmegaConf.to_container(cfg.context, resolve=True)
+    folder = prepare_tiny_base(model_kwargs, warmup, context_kwargs, held_out)
     return load_pretrained(
         str(folder), dtype="float32", attn_implementation=cfg.model.get("attn_implementation")
     )

@@ -56,6 +56,13 @@ class TokenBatch:
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
 
+    def rows(self, rows: slice) -> TokenBatch:
+        """A slice of rows, without the padding columns no row in it needs."""
+        mask = self.attention_mask[rows]
+        lengths = mask.sum(-1)
+        width = int(lengths.max()) if len(lengths) else 0
+        return TokenBatch(self.input_ids[rows, mask.shape[1] - width :], mask[:, mask.shape[1] - width :])
+
 
 @dataclass
 class ScoringBatch:

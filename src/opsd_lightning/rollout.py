@@ -14,12 +14,17 @@ from opsd_lightning.contexts import TokenBatch
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings for `generate`; `temperature=0` means greedy decoding."""
+    """Sampling settings for `generate`; `temperature=0` means greedy decoding.
+
+    `cache_implementation` is passed to `generate` when set: `static` pre-allocates the KV cache and lets
+    transformers compile the decode step (about 2x faster rollouts on a GPU after the first call).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
+    cache_implementation: str | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -32,13 +37,15 @@ class SamplingConfig:
             raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
 
     def generate_kwargs(self) -> dict:
+        cache = {"cache_implementation": self.cache_implementation} if self.cache_implementation else {}
         if self.temperature == 0:
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, **cache}
         return {
             "do_sample": True,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k or None,
+            **cache,
         }
 
 

@@ -55,6 +55,9 @@ class WarmupConfig:
     max_start: int = 12
     max_change: int = 6
     seed: int = 1234
+    # The prompt format the base is trained in; None = the run's `context`. Experiments that ablate the
+    # context pin it, so that every variant starts from the same base.
+    context: dict | None = None
 
 
 def sft_tensors(
@@ -101,7 +104,7 @@ def warmup_fingerprint(
     payload = {
         "version": WARMUP_VERSION,
         "model": model_kwargs,
-        "warmup": {k: v for k, v in asdict(warmup).items() if k != "cache_dir"},
+        "warmup": {k: v for k, v in asdict(warmup).items() if k not in ("cache_dir", "context")},
         "contexts": {k: v for k, v in renderer_settings.items() if k not in unused},
         "held_out": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(),
     }

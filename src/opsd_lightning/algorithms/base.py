@@ -30,11 +30,16 @@ RAW_BATCH_KEYS = ("problem", "solution")
 
 @dataclass
 class MicroBatchLoss:
-    """A micro-batch's summed loss, its token count, and scalar statistics to log (means over the step)."""
+    """A micro-batch's summed loss, its token count, and scalar statistics to log (means over the step).
+
+    `backward_done`: the subclass already back-propagated `loss_sum` (in pieces, to bound memory), so
+    the base class only books it.
+    """
 
     loss_sum: torch.Tensor
     num_tokens: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    backward_done: bool = False
 
 
 def check_raw_batch(batch: Mapping) -> None:
@@ -63,6 +68,40 @@ def completion_logits(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
         logits_to_keep=num_completion + 1,
     )
     return output.logits[:, :num_completion]
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack and the output layer of a (possibly PEFT-wrapped) Hugging Face causal LM.
+
+    Calling the decoder directly yields final hidden states without running the LM head: the chunked
+    loss then computes logits a chunk at a time. LoRA layers are injected in place, so they still apply.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder, head = getattr(base, "get_decoder", None), base.get_output_embeddings()
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or decoder is base or head is None:
+        raise ValueError(
+            f"{type(base).__name__} does not expose a decoder and an output layer "
+            "(get_decoder / get_output_embeddings); use algorithm.loss.backend=naive"
+        )
+    if getattr(base.config, "final_logit_softcapping", None):
+        raise ValueError(
+            f"{type(base).__name__} soft-caps its logits, which the chunked loss does not model; "
+            "use algorithm.loss.backend=naive"
+        )
+    return decoder, head
+
+
+def completion_hidden(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
+    """Final hidden states at the positions that predict the completion tokens, `[B, Lc, H]`."""
+    decoder, _ = causal_lm_parts(model)
+    output = decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    return output.last_hidden_state[:, batch.logit_slice]
 
 
 class PolicyModule(L.LightningModule):
@@ -163,7 +202,8 @@ class PolicyModule(L.LightningModule):
             self._window = {"loss_sum": 0.0, "num_tokens": 0.0, "start": time.perf_counter()}
             self._window_stats = {}
         result = self.micro_batch_loss(batch, micro_index)
-        self.manual_backward(result.loss_sum)
+        if not result.backward_done:
+            self.manual_backward(result.loss_sum)
         self._window["loss_sum"] += float(result.loss_sum.detach())
         self._window["num_tokens"] += float(result.num_tokens)
         for name, value in result.stats.items():

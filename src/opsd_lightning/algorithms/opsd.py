@@ -1,11 +1,13 @@
 """On-Policy Self-Distillation: one model, a student context and a teacher context.
 
-training_step, per micro-batch (see `PolicyModule` for the step-level reduction):
+training_step, per batch (see `PolicyModule` for the step-level reduction):
     raw text -> student / teacher prompt ids (chat template, left-padded)
-             -> rollout from the student prompt (eval mode, no grad, seeded)
-             -> [teacher prompt | completion] scored by the teacher (no grad, no dropout)
-             -> [student prompt | completion] scored by the student (grad)
-             -> per-token divergence on every completion token (EOS included, pads masked)
+             -> rollout from the student prompt for the whole batch (eval mode, no grad, seeded)
+    then per `micro_batch_size` rows:
+             -> [teacher prompt | completion] -> teacher hidden states (no grad, no dropout)
+             -> [student prompt | completion] -> student hidden states (grad)
+             -> per-token divergence on every completion token (EOS included, pads masked), with
+                logits computed a chunk of positions at a time from the hidden states and the LM head
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from collections.abc import Mapping
 
 import torch
 
-from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
-from opsd_lightning.contexts import build_scoring_batch
+from opsd_lightning.algorithms.base import (
+    MicroBatchLoss,
+    PolicyModule,
+    causal_lm_parts,
+    completion_hidden,
+    completion_logits,
+)
+from opsd_lightning.contexts import TokenBatch, build_scoring_batch
 from opsd_lightning.losses import Divergence, masked_token_sum
+from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum
 from opsd_lightning.rollout import SamplingConfig, eval_mode, generate_rollouts
 from opsd_lightning.teachers import DynamicTeacher, Teacher
 
@@ -32,6 +41,9 @@ class OPSDModule(PolicyModule):
         reason_first: the teacher first explains the reference (sampled with `rationale_sampling`,
             greedy by default, by the teacher's weights); the explanation stays in its context while it
             scores the student's tokens. Its tokens count as generated tokens.
+        loss: how the divergence is computed (`LossSettings`): `backend` `chunked` (default; logits from
+            hidden states a chunk of `chunk_size` positions at a time) or `naive` (full logits).
+        micro_batch_size: rows per forward/backward; the whole batch is generated at once (None = all).
     """
 
     def __init__(
@@ -42,9 +54,15 @@ class OPSDModule(PolicyModule):
         mask_truncated: bool = False,
         reason_first: bool = False,
         rationale_sampling: SamplingConfig | Mapping | None = None,
+        loss: LossSettings | Mapping | None = None,
+        micro_batch_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.loss = LossSettings(**loss) if isinstance(loss, Mapping) else loss or LossSettings()
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"algorithm.micro_batch_size={micro_batch_size} must be >= 1 (or null)")
+        self.micro_batch_size = micro_batch_size
         self.reason_first = reason_first
         if isinstance(rationale_sampling, Mapping):
             rationale_sampling = SamplingConfig(**rationale_sampling)
@@ -55,6 +73,8 @@ class OPSDModule(PolicyModule):
         self.mask_truncated = mask_truncated
 
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
+        # One generation for the whole batch; scoring and backward then go `micro_batch_size` rows at a
+        # time, so the generation batch can be large while training memory stays bounded.
         student_prompt = self.contexts.student_batch(batch["problem"]).to(self.device)
         rollout = self.rollout(student_prompt, self.sampling, seed=self.rollout_seed(micro_index))
         generated = self.count_generated(rollout)
@@ -65,20 +85,21 @@ class OPSDModule(PolicyModule):
         if self.mask_truncated:
             loss_mask = loss_mask & ~rollout.truncated[:, None]
 
-        student_batch = build_scoring_batch(student_prompt, rollout.completion_ids, rollout.completion_mask)
-        teacher_batch = build_scoring_batch(teacher_prompt, rollout.completion_ids, rollout.completion_mask)
-        with (
-            torch.no_grad(),
-            self.teacher.scoring_model(self.model) as teacher_model,
-            eval_mode(teacher_model),
-        ):
-            teacher_logits = completion_logits(teacher_model, teacher_batch)
-        student_logits = completion_logits(self.model, student_batch)
-
-        per_token = self.divergence.per_token(
-            student_logits[loss_mask], teacher_logits[loss_mask], rollout.completion_ids[loss_mask]
-        )
-        loss_sum, num_tokens = masked_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool))
+        slices = self.row_slices(len(batch["problem"]))
+        loss_sum, num_tokens = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long)
+        for rows in slices:
+            part = self.divergence_sum(
+                student_prompt.rows(rows),
+                teacher_prompt.rows(rows),
+                rollout.completion_ids[rows],
+                rollout.completion_mask[rows],
+                loss_mask[rows],
+            )
+            if len(slices) > 1:
+                self.manual_backward(part)  # frees this slice's graph before the next one
+                part = part.detach()
+            loss_sum = loss_sum + part
+            num_tokens = num_tokens + loss_mask[rows].sum().cpu()
         stats = {
             "completion_length": float(rollout.lengths.float().mean()),
             "truncation_rate": float(rollout.truncated.float().mean()),
@@ -86,7 +107,63 @@ class OPSDModule(PolicyModule):
             # All ranks generate at once: the global token count over this rank's rollout time.
             "rollout_tokens_per_s": generated / max(rollout.seconds, 1e-9),
         }
-        return MicroBatchLoss(loss_sum=loss_sum, num_tokens=num_tokens, stats=stats)
+        return MicroBatchLoss(
+            loss_sum=loss_sum, num_tokens=num_tokens, stats=stats, backward_done=len(slices) > 1
+        )
+
+    def row_slices(self, num_rows: int) -> list[slice]:
+        size = self.micro_batch_size or num_rows
+        return [slice(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
+
+    def divergence_sum(
+        self,
+        student_prompt: TokenBatch,
+        teacher_prompt: TokenBatch,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sum of the per-token divergence over the `loss_mask` tokens of these rows (student grad only)."""
+        student_batch = build_scoring_batch(student_prompt, completion_ids, completion_mask)
+        teacher_batch = build_scoring_batch(teacher_prompt, completion_ids, completion_mask)
+        token_ids = completion_ids[loss_mask]
+        if self.loss.backend == "naive":
+            with (
+                torch.no_grad(),
+                self.teacher.scoring_model(self.model) as teacher_model,
+                eval_mode(teacher_model),
+            ):
+                teacher_logits = completion_logits(teacher_model, teacher_batch)[loss_mask]
+            student_logits = completion_logits(self.model, student_batch)[loss_mask]
+            per_token = self.divergence.per_token(student_logits, teacher_logits, token_ids)
+            return masked_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool))[0]
+
+        # Hidden states, and logits a chunk of positions at a time: never [tokens, vocab] at once.
+        _, head = causal_lm_parts(self.model)
+        with (
+            torch.no_grad(),
+            self.teacher.scoring_model(self.model) as teacher_model,
+            eval_mode(teacher_model),
+        ):
+            teacher_hidden = completion_hidden(teacher_model, teacher_batch)[loss_mask]
+            _, teacher_head = causal_lm_parts(teacher_model)
+            teacher_weight, teacher_bias = teacher_head.weight.detach(), teacher_head.bias
+            if teacher_weight is head.weight and head.weight.requires_grad:
+                # An EMA teacher swaps trainable weights in only for this block: keep its head.
+                teacher_weight = teacher_weight.clone()
+                teacher_bias = teacher_bias.detach().clone() if teacher_bias is not None else None
+        student_hidden = completion_hidden(self.model, student_batch)[loss_mask]
+        return chunked_divergence_sum(
+            student_hidden,
+            teacher_hidden,
+            head.weight,
+            token_ids,
+            self.divergence,
+            chunk_size=self.loss.chunk_size,
+            bias=head.bias,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+        )
 
     def teacher_rationales(self, batch: Mapping, micro_index: int) -> list[str]:
         """Reason-first: the teacher's explanation of each reference, as text for its next turn."""

@@ -1,5 +1,6 @@
 """Distillation losses: per-token divergences between teacher and student distributions."""
 
+from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum, naive_divergence_sum
 from opsd_lightning.losses.divergences import (
     Divergence,
     ForwardKL,
@@ -12,6 +13,9 @@ from opsd_lightning.losses.divergences import (
 
 __all__ = [
     "Divergence",
+    "LossSettings",
+    "chunked_divergence_sum",
+    "naive_divergence_sum",
     "ForwardKL",
     "GeneralizedJSD",
     "ReverseKL",

@@ -1,0 +1,232 @@
+"""GPU benchmark at the Qwen3-1.7B shape (random weights): the project's loss vs the naive one, and rollouts.
+
+Run on a machine with a CUDA GPU (writes `$OUT/gpu_bench.json`, or `--out`):
+
+    python experiments/bench/gpu_bench.py --out experiments/bench/gpu.json
+
+It measures, side by side in one process and on one GPU (see ../shared/docs/PERF.md for the anchors):
+
+- one OPSD training step: LoRA r=64 on all linear layers, gradient checkpointing, the fixed teacher as
+  "adapters disabled", student context 256 + 2048 completion tokens, teacher context 1280 + 2048,
+  JSD β=0.5 at T=1.1; batch 2 and 8. Loss implementations: `naive` (full-vocabulary bf16 logits for both
+  contexts, JSD on whole tensors: the public reference way) and `chunked` (this project: hidden states,
+  fp32 logits per chunk of positions, gradients formed chunk by chunk);
+- rollouts with this project's `generate_rollouts` at batch 64 x 256 new tokens, with the default dynamic
+  KV cache and with `cache_implementation=static`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from opsd_lightning.contexts import TokenBatch
+from opsd_lightning.losses import GeneralizedJSD
+from opsd_lightning.losses.chunked import chunked_divergence_sum
+from opsd_lightning.rollout import SamplingConfig, generate_rollouts
+
+BETA, TEMPERATURE = 0.5, 1.1
+RESULTS: list[dict] = []
+
+
+def record(out: Path, **row) -> None:
+    print(json.dumps(row), flush=True)
+    RESULTS.append(row)
+    out.write_text(json.dumps(RESULTS, indent=1))
+
+
+def build_model(attn: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return Qwen3ForCausalLM(config).to(torch.bfloat16)
+
+
+def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: int) -> None:
+    model.eval()
+    prompt = torch.randint(10, 150000, (batch, prompt_len), device="cuda")
+    tokens = TokenBatch(prompt, torch.ones_like(prompt))
+    for cache in (None, "static"):
+        sampling = SamplingConfig(
+            temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=new_tokens, cache_implementation=cache
+        )
+        try:
+            for attempt in ("first", "warm"):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                # An EOS id the random model practically never samples: every row runs the full budget.
+                rollout = generate_rollouts(model, tokens, sampling, [151_935], 0, seed=0)
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+                record(
+                    out,
+                    what="rollout",
+                    cache=cache or "dynamic",
+                    call=attempt,
+                    batch=batch,
+                    new_tokens=new_tokens,
+                    generated=rollout.num_tokens,
+                    seconds=round(seconds, 2),
+                    tokens_per_s=round(rollout.num_tokens / seconds, 1),
+                )
+        except Exception as error:  # noqa: BLE001 - a failing variant is reported, the bench goes on
+            record(out, what="rollout", cache=cache or "dynamic", error=repr(error)[:300])
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def naive_jsd(peft_model, student_ids, teacher_ids, student_prompt, teacher_prompt, labels):
+    """The public reference way: full-vocabulary logits (bf16) for both contexts, JSD on whole tensors."""
+    student_logits = peft_model(input_ids=student_ids).logits[:, student_prompt - 1 : -1, :]
+    with torch.no_grad(), peft_model.disable_adapter():
+        teacher_logits = peft_model(input_ids=teacher_ids).logits[:, teacher_prompt - 1 : -1, :]
+    student_logp = F.log_softmax(student_logits / TEMPERATURE, -1)
+    teacher_logp = F.log_softmax(teacher_logits / TEMPERATURE, -1)
+    beta = torch.tensor(BETA, dtype=student_logp.dtype, device=student_logp.device)
+    mixture = torch.logsumexp(
+        torch.stack([student_logp + torch.log1p(-beta), teacher_logp + torch.log(beta)]), 0
+    )
+    jsd = beta * F.kl_div(mixture, teacher_logp, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+        mixture, student_logp, reduction="none", log_target=True
+    )
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+def make_chunked(chunk_size: int):
+    divergence = GeneralizedJSD(beta=BETA, temperature=TEMPERATURE)
+
+    def chunked_jsd(peft_model, student_ids, teacher_ids, student_prompt, teacher_prompt, labels):
+        decoder = peft_model.get_base_model().get_decoder()
+        head = peft_model.get_base_model().get_output_embeddings()
+        student_hidden = decoder(input_ids=student_ids).last_hidden_state[:, student_prompt - 1 : -1]
+        with torch.no_grad(), peft_model.disable_adapter():
+            teacher_hidden = decoder(input_ids=teacher_ids).last_hidden_state[:, teacher_prompt - 1 : -1]
+        mask = labels != -100
+        loss_sum = chunked_divergence_sum(
+            student_hidden[mask],
+            teacher_hidden[mask],
+            head.weight,
+            labels[mask],
+            divergence,
+            chunk_size=chunk_size,
+        )
+        return loss_sum / mask.sum()
+
+    return chunked_jsd
+
+
+def bench_step(peft_model, optimizer, out: Path, name: str, loss_fn, batch: int, repeats: int) -> None:
+    student_prompt, teacher_prompt, completion = 256, 1280, 2048
+    try:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        student_ids = torch.randint(10, 150000, (batch, student_prompt + completion), device="cuda")
+        teacher_ids = torch.cat(
+            [
+                torch.randint(10, 150000, (batch, teacher_prompt), device="cuda"),
+                student_ids[:, student_prompt:],
+            ],
+            1,
+        )
+        labels = student_ids[:, student_prompt:].clone()
+        times = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = loss_fn(peft_model, student_ids, teacher_ids, student_prompt, teacher_prompt, labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        step = statistics.median(times[1:])
+        record(
+            out,
+            what="train_step",
+            loss=name,
+            batch=batch,
+            completion_tokens=batch * completion,
+            loss_value=round(float(loss), 5),
+            step_s=round(step, 3),
+            completion_tokens_per_s=round(batch * completion / step, 1),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            over_start_gib=round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+        )
+    except torch.OutOfMemoryError:
+        record(out, what="train_step", loss=name, batch=batch, error="out of memory")
+    except Exception as error:  # noqa: BLE001
+        record(out, what="train_step", loss=name, batch=batch, error=repr(error)[:300])
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_bench.json")
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--skip-rollouts", action="store_true")
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = build_model(args.attn)
+    record(
+        args.out,
+        what="setup",
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        chunk_size=args.chunk_size,
+        init_s=round(time.perf_counter() - start, 1),
+    )
+    if not args.skip_rollouts:
+        bench_rollouts(model, args.out, batch=64, prompt_len=256, new_tokens=256)
+
+    from peft import LoraConfig, get_peft_model
+
+    model.train()
+    model.config.use_cache = False
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(
+        model, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=targets)
+    )
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    chunked = make_chunked(args.chunk_size)
+    for batch in (2, 8):
+        bench_step(peft_model, optimizer, args.out, "naive", naive_jsd, batch, args.repeats)
+        bench_step(peft_model, optimizer, args.out, "chunked", chunked, batch, args.repeats)
+    record(args.out, what="done", total_s=round(time.perf_counter() - start, 1))
+
+
+if __name__ == "__main__":
+    main()
