@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from opsd_lightning.contexts import TokenBatch
 from opsd_lightning.losses import GeneralizedJSD
-from opsd_lightning.losses.chunked import chunked_divergence_sum
+from opsd_lightning.losses.chunked import chunked_divergence_sum, naive_divergence_sum
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts
 
 BETA, TEMPERATURE = 0.5, 1.1
@@ -138,6 +138,30 @@ def make_chunked(chunk_size: int):
     return chunked_jsd
 
 
+def check_numerics(out: Path) -> None:
+    """The chunked loss on a bf16 CUDA weight (float32 logits via mm's out_dtype) vs float32 naive."""
+    torch.manual_seed(0)
+    hidden, vocab, tokens = 2048, 151936, 300
+    weight = (0.02 * torch.randn(vocab, hidden, device="cuda")).to(torch.bfloat16)
+    student = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    teacher = (student.detach().float() + 0.5 * torch.randn_like(student.float())).to(torch.bfloat16)
+    token_ids = torch.randint(0, vocab, (tokens,), device="cuda")
+    divergence = GeneralizedJSD(beta=BETA, temperature=TEMPERATURE)
+    loss = chunked_divergence_sum(student, teacher, weight, token_ids, divergence, chunk_size=128)
+    (grad,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().float().requires_grad_()
+    reference = naive_divergence_sum(reference_student, teacher.float(), weight.float(), token_ids, divergence)
+    (reference_grad,) = torch.autograd.grad(reference, reference_student)
+    record(
+        out,
+        what="numerics_bf16_weight_vs_fp32_naive",
+        loss=float(loss),
+        reference=float(reference),
+        loss_rel_diff=float((loss - reference).abs() / reference.abs()),
+        grad_rel_diff=float((grad.float() - reference_grad).norm() / reference_grad.norm()),
+    )
+
+
 def bench_step(peft_model, optimizer, out: Path, name: str, loss_fn, batch: int, repeats: int) -> None:
     student_prompt, teacher_prompt, completion = 256, 1280, 2048
     try:
@@ -190,7 +214,7 @@ def bench_step(peft_model, optimizer, out: Path, name: str, loss_fn, batch: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_bench.json")
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--skip-rollouts", action="store_true")
@@ -204,9 +228,10 @@ def main() -> None:
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
-        chunk_size=args.chunk_size,
+        chunk_sizes=args.chunk_sizes,
         init_s=round(time.perf_counter() - start, 1),
     )
+    check_numerics(args.out)
     if not args.skip_rollouts:
         bench_rollouts(model, args.out, batch=64, prompt_len=256, new_tokens=256)
 
@@ -221,10 +246,11 @@ def main() -> None:
     peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-    chunked = make_chunked(args.chunk_size)
     for batch in (2, 8):
         bench_step(peft_model, optimizer, args.out, "naive", naive_jsd, batch, args.repeats)
-        bench_step(peft_model, optimizer, args.out, "chunked", chunked, batch, args.repeats)
+        for chunk_size in args.chunk_sizes:
+            name = f"chunked_{chunk_size}"
+            bench_step(peft_model, optimizer, args.out, name, make_chunked(chunk_size), batch, args.repeats)
     record(args.out, what="done", total_s=round(time.perf_counter() - start, 1))
 
 

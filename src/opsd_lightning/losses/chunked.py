@@ -78,11 +78,19 @@ class _ChunkLogits(NamedTuple):
     weight_rows: Tensor | None  # [c, k, H] lm_head rows at `indices`
 
 
+def _mm_out(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """`a @ b` of low-precision CUDA tensors with a `dtype` (float32) result, accumulated in float32."""
+    try:
+        return torch.mm(a, b, out_dtype=dtype)
+    except (TypeError, RuntimeError, NotImplementedError):  # torch without mm's out_dtype
+        return torch.mm(a, b).to(dtype)
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """`x · weightᵀ + bias` in `dtype`. A bf16/fp16 CUDA weight is multiplied as it is with a float32
     result (`out_dtype`), so no float32 copy of the [V, H] weight is ever made."""
     if weight.dtype != dtype:
-        logits = torch.mm(x.to(weight.dtype), weight.T, out_dtype=dtype)
+        logits = _mm_out(x.to(weight.dtype), weight.T, dtype)
         return logits if bias is None else logits + bias.to(dtype)
     return F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
 
@@ -185,7 +193,7 @@ def _lm_head_backward(
     if logits.indices is None:
         if grad_hidden is not None:
             if weight.dtype != grad_hidden.dtype:  # bf16/fp16 CUDA weight, see `_linear`
-                grad_hidden.copy_(torch.mm(logit_grad.to(weight.dtype), weight, out_dtype=grad_hidden.dtype))
+                grad_hidden.copy_(_mm_out(logit_grad.to(weight.dtype), weight, grad_hidden.dtype))
             else:
                 torch.mm(logit_grad, weight, out=grad_hidden)
         if grad_weight is not None:
