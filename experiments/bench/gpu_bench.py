@@ -150,7 +150,8 @@ def check_numerics(out: Path) -> None:
     loss = chunked_divergence_sum(student, teacher, weight, token_ids, divergence, chunk_size=128)
     (grad,) = torch.autograd.grad(loss, student)
     reference_student = student.detach().float().requires_grad_()
-    reference = naive_divergence_sum(reference_student, teacher.float(), weight.float(), token_ids, divergence)
+    fp32 = (teacher.float(), weight.float(), token_ids, divergence)
+    reference = naive_divergence_sum(reference_student, *fp32)
     (reference_grad,) = torch.autograd.grad(reference, reference_student)
     record(
         out,
