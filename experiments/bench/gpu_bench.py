@@ -64,7 +64,7 @@ def build_model(attn: str):
         return Qwen3ForCausalLM(config).to(torch.bfloat16)
 
 
-def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: int) -> None:
+def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: int, warm_calls: int) -> None:
     model.eval()
     prompt = torch.randint(10, 150000, (batch, prompt_len), device="cuda")
     tokens = TokenBatch(prompt, torch.ones_like(prompt))
@@ -73,7 +73,7 @@ def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: in
             temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=new_tokens, cache_implementation=cache
         )
         try:
-            for attempt in ("first", "warm"):
+            for attempt in ["first"] + [f"warm{i + 1}" for i in range(warm_calls)]:
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 # An EOS id the random model practically never samples: every row runs the full budget.
@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--skip-rollouts", action="store_true")
+    parser.add_argument("--rollout-warm-calls", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -234,7 +236,7 @@ def main() -> None:
     )
     check_numerics(args.out)
     if not args.skip_rollouts:
-        bench_rollouts(model, args.out, batch=64, prompt_len=256, new_tokens=256)
+        bench_rollouts(model, args.out, 64, 256, 256, warm_calls=args.rollout_warm_calls)
 
     from peft import LoraConfig, get_peft_model
 
@@ -247,7 +249,7 @@ def main() -> None:
     peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-    for batch in (2, 8):
+    for batch in args.batches:
         bench_step(peft_model, optimizer, args.out, "naive", naive_jsd, batch, args.repeats)
         for chunk_size in args.chunk_sizes:
             name = f"chunked_{chunk_size}"
