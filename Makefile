@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 
-.PHONY: install train experiment test test-all lint format clean
+.PHONY: install train experiment bench test test-all lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ experiment: $(STAMP)
 	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<one of: $$(ls experiments | grep -v custom | tr '\n' ' ')>"; exit 2; }
 	@test -f experiments/$(NAME)/run.sh || { echo "experiments/$(NAME)/run.sh does not exist"; exit 2; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash experiments/$(NAME)/run.sh $(ARGS)
+
+# CPU benchmark (not part of the tests): the chunked loss vs a naive one, and one OPSD step (~5 min)
+bench: $(STAMP)
+	$(PY) experiments/bench/cpu_bench.py --out experiments/bench/cpu.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -40,9 +40,11 @@ def test_report_averages_seeds_per_setting_and_writes_plots(tmp_path, capsys):
     assert "Written:" in capsys.readouterr().out
 
 
-def test_report_has_one_base_row_over_every_job(tmp_path):
+def test_report_has_one_base_row_with_one_entry_per_seed(tmp_path):
     make_job(tmp_path, 0, ["algorithm=opsd", "seed=0"], 0.5, 1000, [0.3], base=0.3)
-    make_job(tmp_path, 1, ["algorithm=sft", "seed=0"], 0.6, 0, [1.0], base=0.5)
+    make_job(tmp_path, 1, ["algorithm=opsd", "seed=1"], 0.5, 1000, [0.3], base=0.5)
+    make_job(tmp_path, 2, ["algorithm=sft", "seed=0"], 0.6, 0, [1.0], base=0.3)
+    make_job(tmp_path, 3, ["algorithm=sft", "seed=1"], 0.6, 0, [1.0], base=0.5)
     report = write_report(tmp_path).read_text()
     assert "| base (before training) | 2 | 0.400 ± 0.141 | — | 0 | — |" in report
 

@@ -72,9 +72,12 @@ def markdown_table(groups: list[Group]) -> str:
     ]
     header = ["setting", "seeds", *names, "generated tokens", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    # The base (evaluated before training in every job, validate_before=true): one row for all jobs
-    # when they share a base model, as the settings of a sweep usually do.
-    base_runs = [m["base"] for group in groups for m in group.metrics if m.get("base")]
+    # The base, evaluated before training (validate_before=true). Every setting of a sweep starts from
+    # the same base for a given seed, with the same evaluation samples, so one setting's jobs hold it.
+    base_runs = next(
+        ([m["base"] for m in group.metrics] for group in groups if all(m.get("base") for m in group.metrics)),
+        [],
+    )
     if base_runs:
         cells = ["base (before training)", str(len(base_runs))]
         for name in names:
