@@ -263,3 +263,24 @@ def test_loss_settings_validate_their_options():
         LossSettings(backend="fast")
     with pytest.raises(ValueError, match="algorithm.loss.chunk_size=0"):
         LossSettings(chunk_size=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["forward_kl", "jsd_0.5", "topk5_forward_kl", "sampled_token"])
+def test_a_bf16_cuda_head_gives_float32_logits_without_a_float32_weight_copy(name):
+    """On CUDA a bf16 weight is multiplied as it is with float32 results (mm's out_dtype)."""
+    student, teacher, weight, token_ids = (t.cuda() for t in _inputs(37, v=500))
+    weight = weight.detach().to(torch.bfloat16)
+    student_bf16 = student.detach().to(torch.bfloat16).requires_grad_()
+    divergence = DIVERGENCES[name]()
+    loss = chunked_divergence_sum(student_bf16, teacher.to(torch.bfloat16), weight, token_ids, divergence, 8)
+    (grad,) = torch.autograd.grad(loss, student_bf16)
+    reference_student = student_bf16.detach().float().requires_grad_()
+    reference = naive_divergence_sum(
+        reference_student, teacher.to(torch.bfloat16).float(), weight.float(), token_ids, divergence
+    )
+    (reference_grad,) = torch.autograd.grad(reference, reference_student)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad.float(), reference_grad, rtol=2e-2, atol=2e-3)
