@@ -35,6 +35,7 @@ def test_report_averages_seeds_per_setting_and_writes_plots(tmp_path, capsys):
     # opsd: mean 0.6, sample std of (0.5, 0.7) = 0.1414; sft: 0.6 ± 0
     assert "| algorithm=opsd | 2 | 0.600 ± 0.141 | 0.800 ± 0.141 | 2,000 | 10.0 |" in report
     assert "| algorithm=sft | 2 | 0.600 ± 0.000 | 0.800 ± 0.000 | 0 | 10.0 |" in report
+    assert "| setting | seed 0 | seed 1 |" in report and "| algorithm=opsd | 0.500 | 0.700 |" in report
     assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     assert "Written:" in capsys.readouterr().out

@@ -23,14 +23,22 @@ class Group:
     label: str
     metrics: list[dict] = field(default_factory=list)
     curves: list[list[dict[str, str]]] = field(default_factory=list)
+    seeds: list[str] = field(default_factory=list)
+
+
+def all_overrides(job_dir: Path) -> list[str]:
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    lines = overrides_file.read_text().splitlines() if overrides_file.is_file() else []
+    return [line.lstrip("- ").strip() for line in lines if line.strip().startswith("-")]
 
 
 def job_overrides(job_dir: Path) -> list[str]:
     """The job's command-line overrides, without the seed (seeds of one setting are averaged)."""
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    lines = overrides_file.read_text().splitlines() if overrides_file.is_file() else []
-    overrides = [line.lstrip("- ").strip() for line in lines if line.strip().startswith("-")]
-    return [o for o in overrides if not o.startswith(("seed=", "hydra.", "paths."))]
+    return [o for o in all_overrides(job_dir) if not o.startswith(("seed=", "hydra.", "paths."))]
+
+
+def job_seed(job_dir: Path) -> str:
+    return next((o.split("=", 1)[1] for o in all_overrides(job_dir) if o.startswith("seed=")), "?")
 
 
 def collect(multirun_dir: Path) -> list[Group]:
@@ -50,6 +58,7 @@ def collect(multirun_dir: Path) -> list[Group]:
         label = " ".join(o for o in job_over if o not in shared) or "default"
         group = groups.setdefault(label, Group(label))
         group.metrics.append(json.loads(metrics_file.read_text()))
+        group.seeds.append(job_seed(metrics_file.parent))
         log = metrics_file.parent / "csv" / "metrics.csv"
         if log.is_file():
             with log.open() as handle:
@@ -94,6 +103,17 @@ def markdown_table(groups: list[Group]) -> str:
         wall = mean_std([float(m.get("wall_seconds", 0)) for m in group.metrics])
         cells += [f"{tokens[0]:,.0f}", f"{wall[0]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(groups: list[Group], metric: str) -> str:
+    """One row per setting, one column per seed: paired comparisons when settings share seeds."""
+    seeds = sorted({seed for group in groups for seed in group.seeds}, key=lambda x: (len(x), x))
+    lines = ["| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    for group in groups:
+        by_seed = {seed: m["final"].get(metric) for seed, m in zip(group.seeds, group.metrics, strict=True)}
+        cells = [f"{by_seed[s]:.3f}" if by_seed.get(s) is not None else "—" for s in seeds]
+        lines.append(f"| {group.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -164,6 +184,8 @@ def write_report(multirun_dir: Path) -> Path:
     ]
     parts.append(markdown_table(groups))
     names = final_metric_names(groups)
+    if names and any(len(group.metrics) > 1 for group in groups):
+        parts += ["", f"{names[0]} per seed:", "", per_seed_table(groups, names[0])]
     if names:
         plot_accuracy_vs_tokens(groups, names[0], multirun_dir / "accuracy_vs_tokens.png")
         parts += ["", f"![{names[0]} vs generated tokens](accuracy_vs_tokens.png)"]
