@@ -119,11 +119,31 @@ def build_tiny(
     checkpoint: str | None = None,
     seed: int = 0,
     corpus: Iterable[str] | None = None,
+    tokenizer_path: str | None = None,
+    gradient_checkpointing: bool = False,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """A tiny Qwen3: from a saved folder (`checkpoint`, e.g. the warm-up's base) or randomly initialised."""
+    """A tiny Qwen3: from a saved folder (`checkpoint`, e.g. the warm-up's base) or randomly initialised.
+
+    `tokenizer_path`: use a real tokenizer folder (e.g. Qwen3's, for a stand-in of a real recipe)
+    instead of the locally trained one; the embedding then has that tokenizer's vocabulary.
+    `dtype` / `attn_implementation` as for `load_pretrained`, so a recipe's model settings apply to it.
+    """
     if checkpoint is not None:
-        return load_pretrained(checkpoint, dtype="float32")
-    tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size)
+        return load_pretrained(
+            checkpoint,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+    if tokenizer_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -140,9 +160,26 @@ def build_tiny(
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model = Qwen3ForCausalLM(config).to(_torch_dtype(dtype))
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
     _set_generation_defaults(model, tokenizer)
+    enable_gradient_checkpointing(model, gradient_checkpointing)
     return LoadedModel(model=model, tokenizer=tokenizer)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"model.dtype={dtype!r} is not a torch dtype (use float32, bfloat16 or float16)")
+    return torch_dtype
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Recompute activations in backward. Generation is unaffected: it runs in eval mode, where
+    transformers skips checkpointing and keeps the KV cache, and training mode comes back after it."""
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_pretrained(
@@ -151,13 +188,12 @@ def load_pretrained(
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Any causal LM + tokenizer by local folder or hub name (hub downloads happen only for hub names)."""
     if not name_or_path:
         raise ValueError("model.name_or_path is empty: set it to a local folder or a hub model id")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"model.dtype={dtype!r} is not a torch dtype (use float32, bfloat16 or float16)")
+    torch_dtype = _torch_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(
         name_or_path, trust_remote_code=trust_remote_code, revision=revision
     )
@@ -173,6 +209,7 @@ def load_pretrained(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     _set_generation_defaults(model, tokenizer)
+    enable_gradient_checkpointing(model, gradient_checkpointing)
     return LoadedModel(model=model, tokenizer=tokenizer)
 
 

@@ -118,7 +118,11 @@ def prepare_tiny_base(
 
     `held_out_problems` are never trained on, so held-out accuracy stays honest.
     """
-    model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("checkpoint", "_target_")}
+    # Only what shapes the base's weights keys the cache (and reaches build_tiny for the warm-up).
+    ignored = ("checkpoint", "_target_", "gradient_checkpointing", "dtype", "attn_implementation")
+    model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ignored}
+    if model_kwargs.get("tokenizer_path") is None:
+        model_kwargs.pop("tokenizer_path", None)
     folder = (
         Path(warmup.cache_dir)
         / f"tiny-base-{warmup_fingerprint(model_kwargs, warmup, context_kwargs, held_out_problems)}"
