@@ -4,7 +4,7 @@ Each (case, implementation) runs in a fresh spawned process, so its peak RSS is 
 growth of `ru_maxrss` (a high-water mark) over its value right after the inputs were created, and the
 median wall time of `repeats` forward+backward steps after one warm-up step.
 
-    python experiments/bench/loss_bench.py --out /tmp/cpu_loss.json   (make bench runs it via cpu_bench.py)
+    python experiments/bench/loss_bench.py --out <file.json>   (`make bench` runs it through cpu_bench.py)
 """
 
 from __future__ import annotations
