@@ -178,3 +178,23 @@ def test_chunked_loss_and_micro_batches_give_the_naive_whole_batch_gradients(fre
         torch.testing.assert_close(other.pop("loss_sum"), naive["loss_sum"], rtol=1e-3, atol=1e-5)
         for name, value in other.items():
             torch.testing.assert_close(value, naive[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_scores_with_the_ema_teachers_own_head(fresh_tiny):
+    """The EMA teacher swaps its weights in only while it scores; the chunked loss must still use its head."""
+    module = make_module(fresh_tiny, EMATeacher(decay=0.5))
+    with torch.no_grad():  # an EMA that has moved away from the live weights, head (tied embedding) included
+        for shadow in module.teacher.shadow.values():
+            shadow.add_(0.05 * torch.randn_like(shadow))
+    data = ArithDataModule(train_size=16, val_size=4, batch_size=4, seed=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    prompt = module.contexts.student_batch(batch["problem"])
+    rollout = module.rollout(prompt, module.sampling, seed=0)
+    teacher_prompt = module.contexts.teacher_batch(batch["problem"], batch["solution"])
+    args = (prompt, teacher_prompt, rollout.completion_ids, rollout.completion_mask, rollout.completion_mask)
+    sums = {}
+    for backend in ("naive", "chunked"):
+        module.loss.backend = backend
+        sums[backend] = module.divergence_sum(*args).detach()
+    torch.testing.assert_close(sums["chunked"], sums["naive"], rtol=1e-4, atol=1e-5)

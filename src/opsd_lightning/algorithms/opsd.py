@@ -148,8 +148,10 @@ class OPSDModule(PolicyModule):
             teacher_hidden = completion_hidden(teacher_model, teacher_batch)[loss_mask]
             _, teacher_head = causal_lm_parts(teacher_model)
             teacher_weight, teacher_bias = teacher_head.weight.detach(), teacher_head.bias
-            if teacher_weight is head.weight and head.weight.requires_grad:
-                # An EMA teacher swaps trainable weights in only for this block: keep its head.
+            swapped = teacher_head.weight is head.weight and not isinstance(self.teacher, DynamicTeacher)
+            if swapped and head.weight.requires_grad:
+                # An EMA teacher swaps its weights into the live parameters for this block only, and the
+                # chunked loss reads the head after it: keep a copy of the teacher's head.
                 teacher_weight = teacher_weight.clone()
                 teacher_bias = teacher_bias.detach().clone() if teacher_bias is not None else None
         student_hidden = completion_hidden(self.model, student_batch)[loss_mask]
