@@ -309,6 +309,17 @@ class PolicyModule(L.LightningModule):
     # ---- checkpoint state that is not a tensor ------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["opsd_generated_tokens"] = self.generated_tokens
+        # Rollouts are seeded by (seed, step, micro-batch, rank); the global streams (dropout) are saved
+        # so that a resumed run continues exactly.
+        checkpoint["opsd_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.generated_tokens = checkpoint.get("opsd_generated_tokens", 0)
+        rng = checkpoint.get("opsd_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

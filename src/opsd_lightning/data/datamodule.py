@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 
 import lightning as L
 import torch
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,31 @@ def collate_raw_text(rows: list[dict]) -> dict[str, list[str]]:
     batch = {field: [row[field] for row in rows] for field in REQUIRED_FIELDS}
     batch.update({field: [row.get(field, "") for row in rows] for field in OPTIONAL_FIELDS})
     return batch
+
+
+class ResumableRandomSampler(RandomSampler):
+    """`RandomSampler` (the same order as `DataLoader(shuffle=True, generator=...)`) that can skip ahead to an
+    epoch and a position within it, so a resumed run sees the problems it would have seen."""
+
+    def __init__(self, data_source: Sized, generator: torch.Generator) -> None:
+        super().__init__(data_source, generator=generator)
+        self._skip_epochs, self._skip_samples = 0, 0
+
+    def fast_forward(self, epochs: int, samples: int) -> None:
+        self._skip_epochs, self._skip_samples = epochs, samples
+
+    def __iter__(self) -> Iterator[int]:
+        # Replay the generator's draws of each finished epoch: the sampler's order, then the seed the next
+        # epoch's DataLoader iterator draws from the same generator before asking for indices.
+        while self._skip_epochs:
+            self._skip_epochs -= 1
+            for _ in super().__iter__():
+                pass
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        skip, self._skip_samples = self._skip_samples, 0
+        for position, index in enumerate(super().__iter__()):
+            if position >= skip:
+                yield index
 
 
 class RawTextDataModule(L.LightningDataModule, ABC):
@@ -57,6 +82,18 @@ class RawTextDataModule(L.LightningDataModule, ABC):
         self.seed = seed
         self.train_rows: Sequence[dict[str, str]] | None = None
         self.val_rows: Sequence[dict[str, str]] | None = None
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position, saved in checkpoints: the epoch and the batches of it already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     @abstractmethod
     def build_splits(self) -> tuple[Sequence[dict[str, str]], Sequence[dict[str, str]]]:
@@ -68,12 +105,16 @@ class RawTextDataModule(L.LightningDataModule, ABC):
             self.train_rows, self.val_rows = self.build_splits()
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        rows = self._rows("train_rows")
+        sampler = ResumableRandomSampler(rows, generator=torch.Generator().manual_seed(self.seed))
+        if self._resume is not None:  # a resumed run continues where the checkpoint left the data
+            sampler.fast_forward(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
         return DataLoader(
-            self._rows("train_rows"),
+            rows,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
+            generator=sampler.generator,  # as `shuffle=True, generator=...` did: the same order as before
             drop_last=False,
             num_workers=self.num_workers,
             collate_fn=collate_raw_text,
