@@ -66,7 +66,10 @@ def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LoadedMod
     context_kwargs = warmup.context or OmegaConf.to_container(cfg.context, resolve=True)
     folder = prepare_tiny_base(model_kwargs, warmup, context_kwargs, held_out)
     return load_pretrained(
-        str(folder), dtype="float32", attn_implementation=cfg.model.get("attn_implementation")
+        str(folder),
+        dtype="float32",
+        attn_implementation=cfg.model.get("attn_implementation"),
+        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
     )
 
 
