@@ -125,7 +125,7 @@ def main() -> None:
     peak_gib = 0.0 if args.smoke else torch.cuda.max_memory_allocated() / 2**30
 
     probe = torch.tensor([loaded.tokenizer.encode("What is 2 + 3? Put it in \\boxed{}.")], device=device)
-    model = module.model.eval()
+    model = module.model.to(device).eval()  # Lightning moves the module back to the CPU after fit
     with torch.no_grad():
         student = model(input_ids=probe).logits.float()
         with model.disable_adapter():
