@@ -39,3 +39,20 @@ def fresh_tiny():
     from opsd_lightning.models import build_tiny
 
     return build_tiny(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
+
+
+def quiet_trainer(root, **overrides):
+    """A CPU `Trainer` for tests: no logger, checkpoints, progress bar, summary or validation."""
+    import lightning as L
+
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": root,
+    }
+    return L.Trainer(**{**settings, **overrides})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
@@ -19,6 +18,8 @@ from opsd_lightning.losses import ForwardKL
 from opsd_lightning.models import save_pretrained
 from opsd_lightning.peft_utils import apply_peft
 from opsd_lightning.teachers import FixedTeacher
+
+from .conftest import quiet_trainer
 
 
 def test_adapters_are_saved_in_peft_format_reload_and_export_merged(fresh_tiny, tmp_path):
@@ -40,20 +41,8 @@ def test_adapters_are_saved_in_peft_format_reload_and_export_merged(fresh_tiny, 
         sampling={"temperature": 1.0, "max_new_tokens": 6},
     )
     checkpoints = tmp_path / "checkpoints"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        callbacks=[
-            ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True),
-            SaveAdapters(),
-        ],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    callbacks = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True), SaveAdapters()]
+    trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=callbacks, enable_checkpointing=True)
     trainer.fit(module, datamodule=ArithDataModule(train_size=16, val_size=4, batch_size=2, seed=0))
     assert (checkpoints / "last.ckpt").is_file()
     adapter = checkpoints / "adapter-last"

@@ -19,6 +19,8 @@ from opsd_lightning.losses import ForwardKL
 from opsd_lightning.models import build_tiny
 from opsd_lightning.teachers import FixedTeacher
 
+from .conftest import quiet_trainer
+
 ROWS = generate_examples(4, seed=0, num_steps=(2, 3), max_start=12, max_change=6)
 
 
@@ -61,17 +63,11 @@ def train_one_step(folder: Path, devices: int) -> None:
         sampling={"temperature": 0.0, "max_new_tokens": 12},
         gradient_clip_val=None,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        folder,
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         use_distributed_sampler=False,
         callbacks=[RecordRank(folder)],
     )

@@ -14,6 +14,8 @@ from opsd_lightning.data import ArithDataModule
 from opsd_lightning.losses import ForwardKL, ReverseKL
 from opsd_lightning.teachers import EMATeacher, FixedTeacher
 
+from .conftest import quiet_trainer
+
 
 def make_module(loaded, teacher, divergence=None, **kwargs) -> OPSDModule:
     return OPSDModule(
@@ -30,17 +32,7 @@ def make_module(loaded, teacher, divergence=None, **kwargs) -> OPSDModule:
 
 
 def fit(module, steps: int, tmp_path, batch_size: int = 2) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=steps)
     data = ArithDataModule(train_size=16, val_size=4, batch_size=batch_size, seed=0)
     trainer.fit(module, datamodule=data)
     return trainer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -16,6 +15,8 @@ from opsd_lightning.data.datamodule import ResumableRandomSampler
 from opsd_lightning.losses import ForwardKL
 from opsd_lightning.models import build_tiny
 from opsd_lightning.teachers import EMATeacher
+
+from .conftest import quiet_trainer
 
 
 def run(steps: int, root, ckpt_path=None, save_every: int | None = None) -> dict[str, torch.Tensor]:
@@ -35,18 +36,7 @@ def run(steps: int, root, ckpt_path=None, save_every: int | None = None) -> dict
         accumulate_grad_batches=2,
     )
     callbacks = [ModelCheckpoint(dirpath=root, every_n_train_steps=save_every)] if save_every else []
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        callbacks=callbacks,
-        enable_checkpointing=bool(save_every),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=steps, callbacks=callbacks, enable_checkpointing=bool(save_every))
     # 16 problems in batches of 2 with 2 micro-batches per step: 4 steps per epoch, so 4 steps cross none
     # and the resume lands mid-epoch.
     trainer.fit(

@@ -147,13 +147,13 @@ class OPSDModule(PolicyModule):
         ):
             teacher_hidden = completion_hidden(teacher_model, teacher_batch)[loss_mask]
             _, teacher_head = causal_lm_parts(teacher_model)
-            teacher_weight, teacher_bias = teacher_head.weight.detach(), teacher_head.bias
-            swapped = teacher_head.weight is head.weight and not isinstance(self.teacher, DynamicTeacher)
-            if swapped and head.weight.requires_grad:
-                # An EMA teacher swaps its weights into the live parameters for this block only, and the
-                # chunked loss reads the head after it: keep a copy of the teacher's head.
-                teacher_weight = teacher_weight.clone()
-                teacher_bias = teacher_bias.detach().clone() if teacher_bias is not None else None
+            teacher_weight, teacher_bias = teacher_head.weight, teacher_head.bias
+            if teacher_head is head:
+                # The same head object: the student's own (None), unless an EMA teacher swapped its weights
+                # into it for this block only, while the chunked loss reads it afterwards: then a copy.
+                swapped = head.weight.requires_grad and not isinstance(self.teacher, DynamicTeacher)
+                teacher_weight = teacher_weight.detach().clone() if swapped else None
+                teacher_bias = teacher_bias.detach().clone() if swapped and teacher_bias is not None else None
         student_hidden = completion_hidden(self.model, student_batch)[loss_mask]
         return chunked_divergence_sum(
             student_hidden,
