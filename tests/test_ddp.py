@@ -100,3 +100,26 @@ def test_ddp_token_mean_matches_one_process_on_the_concatenated_batch(tmp_path):
     for name, value in initial.model.state_dict().items():
         moved += not torch.equal(value, single["state"][name])
     assert moved > 0, "the step must change the weights, or the comparison proves nothing"
+
+
+def test_ddp_resume_continues_each_ranks_shard_exactly(tmp_path):
+    """2 ranks: 4 steps straight equal 2 steps + checkpoint + 2 resumed steps, and every rank trains on
+    its own shard of the datamodule's order (Lightning keeps our sampler instead of swapping in its own)."""
+    from .test_resume import run
+
+    straight = run(4, tmp_path / "straight", devices=2)
+    run(2, tmp_path / "first", save_every=2, devices=2)
+    (checkpoint,) = (tmp_path / "first").glob("*.ckpt")
+    resumed = run(4, tmp_path / "resumed", ckpt_path=str(checkpoint), devices=2)
+
+    def seen(folder: str, rank: int) -> list[str]:
+        return (tmp_path / folder / f"problems-{rank}.txt").read_text().splitlines()
+
+    for rank in (0, 1):
+        assert seen("first", rank) + seen("resumed", rank) == seen("straight", rank)
+    # 16 problems, 2 ranks, 4 steps of 2 micro-batches of 2: each epoch splits the problems in two halves.
+    epoch_one = [seen("straight", rank)[:8] for rank in (0, 1)]
+    assert len(set(epoch_one[0]) | set(epoch_one[1])) == 16, "ranks must see different problems"
+    for key, value in straight.items():
+        if key != "generated_tokens":  # counted in the spawned processes, not copied back
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)

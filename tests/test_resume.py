@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.contexts import ContextRenderer
@@ -19,7 +19,20 @@ from opsd_lightning.teachers import EMATeacher
 from .conftest import quiet_trainer
 
 
-def run(steps: int, root, ckpt_path=None, save_every: int | None = None) -> dict[str, torch.Tensor]:
+class RecordProblems(Callback):
+    """Append each rank's training problems to `problems-<rank>.txt` in `folder`."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.folder / f"problems-{trainer.global_rank}.txt", "a") as file:
+            file.write("".join(problem + "\n" for problem in batch["problem"]))
+
+
+def run(
+    steps: int, root, ckpt_path=None, save_every: int | None = None, devices: int = 1
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(1234)  # the global stream differs between the two processes being compared
     loaded = build_tiny(
         hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
@@ -35,8 +48,18 @@ def run(steps: int, root, ckpt_path=None, save_every: int | None = None) -> dict
         sampling={"temperature": 1.0, "max_new_tokens": 6},
         accumulate_grad_batches=2,
     )
-    callbacks = [ModelCheckpoint(dirpath=root, every_n_train_steps=save_every)] if save_every else []
-    trainer = quiet_trainer(root, max_steps=steps, callbacks=callbacks, enable_checkpointing=bool(save_every))
+    root.mkdir(parents=True, exist_ok=True)
+    callbacks = [RecordProblems(root)]
+    if save_every:
+        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=save_every))
+    trainer = quiet_trainer(
+        root,
+        max_steps=steps,
+        callbacks=callbacks,
+        enable_checkpointing=bool(save_every),
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+    )
     # 16 problems in batches of 2 with 2 micro-batches per step: 4 steps per epoch, so 4 steps cross none
     # and the resume lands mid-epoch.
     trainer.fit(
@@ -74,3 +97,17 @@ def test_the_loader_skips_to_an_epoch_and_a_position_in_the_shuffle_order_of_a_p
     fresh = ResumableRandomSampler(rows, generator=torch.Generator().manual_seed(3))
     loader = torch.utils.data.DataLoader(rows, batch_size=1, sampler=fresh, generator=fresh.generator)
     assert [[int(b) for b in loader] for _ in range(3)] == epochs  # no skip: exactly the plain order
+
+
+def test_ranks_take_disjoint_shards_of_one_order_and_resume_inside_their_own_shard():
+    rows = list(range(7))  # uneven over 2 ranks: the shorter shard is padded with the first index
+    order = list(ResumableRandomSampler(rows, generator=torch.Generator().manual_seed(5)))
+    shards = [
+        list(ResumableRandomSampler(rows, generator=torch.Generator().manual_seed(5), num_replicas=2, rank=r))
+        for r in (0, 1)
+    ]
+    assert shards == [order[0::2], order[1::2] + order[:1]]
+    assert len(shards[0]) == len(shards[1]) == 4  # equal batch counts, or DDP would hang
+    rank1 = ResumableRandomSampler(rows, generator=torch.Generator().manual_seed(5), num_replicas=2, rank=1)
+    rank1.fast_forward(epochs=0, samples=2)  # two per-rank samples already trained on
+    assert list(rank1) == shards[1][2:]

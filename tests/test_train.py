@@ -81,9 +81,9 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
         metric_value(metrics, "val/nope")
 
 
-def run_multirun(sweep: str, sweep_dir: Path) -> list[Path]:
+def run_multirun(sweep: str, sweep_dir: Path, **env_overrides: str) -> list[Path]:
     """`opsd-train -m <sweep>` on the tiny model in a subprocess; the metrics.json of every job."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(sweep_dir / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPSD_CACHE_DIR": str(sweep_dir / "cache"), **env_overrides}
     command = [
         sys.executable,
         "-m",
@@ -110,6 +110,37 @@ def test_opsd_train_multirun_runs_one_job_per_divergence(tmp_path):
         divergences.add(next(line.split("=")[1] for line in overrides.splitlines() if "divergence=" in line))
         assert json.loads(job.read_text())["optimizer_steps"] == 2
     assert divergences == {"forward_kl", "reverse_kl", "jsd", "topk", "sampled_token"}
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("joblib hydra.launcher.n_jobs=2", "hydra_plugins.hydra_joblib_launcher"),
+        # submitit's local executor runs each job in its own process, as on SLURM (submitit_slurm).
+        ("submitit_local hydra.launcher.timeout_min=10", "hydra_plugins.hydra_submitit_launcher"),
+    ],
+)
+def test_sweeps_run_through_hydras_parallel_launchers(tmp_path, launcher, target):
+    jobs = run_multirun(
+        f"hydra/launcher={launcher} divergence=forward_kl,reverse_kl", tmp_path, OMP_NUM_THREADS="1"
+    )
+    assert len(jobs) == 2
+    assert all(json.loads(job.read_text())["optimizer_steps"] == 2 for job in jobs)
+    hydra_config = (jobs[0].parent / ".hydra" / "hydra.yaml").read_text()
+    assert target in hydra_config
+
+
+def test_the_slurm_launcher_composes_with_a_recipe():
+    # No SLURM here: check that the documented command composes into the launcher's settings.
+    command = [
+        sys.executable, "-m", "opsd_lightning.train", "--cfg", "hydra",
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
+        "hydra.launcher.tasks_per_node=8", "experiment=opsd_qwen3_1p7b",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
+    assert "tasks_per_node: 8" in result.stdout
 
 
 def test_a_user_datamodule_plugs_in_with_data_target(tmp_path, monkeypatch):

@@ -66,7 +66,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, Any] = {"benchmarks": {name: len(rows) for name, rows in data.rows.items()}}
-    if cfg.get("validate_before", True):
+    if cfg.get("ckpt_path"):  # the base was measured by the run being resumed
+        log.info("Resuming from %s: skipping the base model's validation", cfg.ckpt_path)
+    elif cfg.get("validate_before", True):
         metrics["base"] = _merged(trainer.validate(module, datamodule=data, verbose=False))
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
     # Read the last training metrics before test() replaces trainer.callback_metrics.
