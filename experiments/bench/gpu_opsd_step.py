@@ -130,7 +130,11 @@ def main() -> None:
         student = model(input_ids=probe).logits.float()
         with model.disable_adapter():
             base = model(input_ids=probe).logits.float()
-        model.load_adapter(str(checkpoints / "adapter-last"), adapter_name="reloaded")
+        # Keep the adapters in bf16: peft upcasts them to float32 by default, which changes the logits by
+        # bf16 rounding (tests/test_adapters.py).
+        model.load_adapter(
+            str(checkpoints / "adapter-last"), adapter_name="reloaded", autocast_adapter_dtype=False
+        )
         model.set_adapter("reloaded")
         again = model(input_ids=probe).logits.float()
     result = {
