@@ -9,6 +9,8 @@ completions differently).
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from opsd_lightning.models import eos_token_ids
 from opsd_lightning.rollout import Rollout, SamplingConfig, generate_rollouts
 
 RAW_BATCH_KEYS = ("problem", "solution")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +122,9 @@ class PolicyModule(L.LightningModule):
         accumulate_grad_batches: micro-batches per optimizer step (the loss is a token mean over all of them).
         gradient_clip_val: max global grad norm, or None.
         seed: base seed; rollouts are seeded by (seed, step, micro-batch, rank), so resumes reproduce them.
+        max_nonfinite_steps_in_a_row: an optimizer step whose loss or gradient is not finite (on any rank) is
+            skipped and counted (`train/nonfinite_steps`); after this many in a row the run saves a
+            checkpoint and stops with an error.
     """
 
     def __init__(
@@ -133,10 +140,15 @@ class PolicyModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = 1.0,
         seed: int = 0,
+        max_nonfinite_steps_in_a_row: int = 3,
     ) -> None:
         super().__init__()
         if accumulate_grad_batches < 1:
             raise ValueError(f"algorithm.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
+        if max_nonfinite_steps_in_a_row < 1:
+            raise ValueError(
+                f"algorithm.max_nonfinite_steps_in_a_row={max_nonfinite_steps_in_a_row} must be >= 1"
+            )
         self.automatic_optimization = False  # we own the step-level token normalisation
         self.model = model
         self.tokenizer = tokenizer
@@ -151,6 +163,9 @@ class PolicyModule(L.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.seed = seed
+        self.max_nonfinite_steps_in_a_row = max_nonfinite_steps_in_a_row
+        self.nonfinite_steps = 0  # skipped optimizer steps, saved in checkpoints
+        self._nonfinite_in_a_row = 0
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.eval_metrics = nn.ModuleDict(
             {
@@ -218,9 +233,17 @@ class PolicyModule(L.LightningModule):
 
     def _optimizer_step(self) -> None:
         optimizer = self.optimizers()
-        totals = torch.tensor([self._window["loss_sum"], self._window["num_tokens"]], device=self.device)
+        faults = float(not math.isfinite(self._window["loss_sum"]) or not self._gradients_are_finite())
+        totals = torch.tensor(
+            [self._window["loss_sum"], self._window["num_tokens"], faults], device=self.device
+        )
+        # Summed over ranks, so every rank takes the same decision about skipping.
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         loss_sum, num_tokens = float(totals[0]), float(totals[1])
+        if totals[2] > 0:
+            self._skip_nonfinite_step(optimizer)
+            return
+        self._nonfinite_in_a_row = 0
         if num_tokens > 0:
             # Each rank back-propagated its token SUM and DDP averaged over ranks: rescale to a global mean.
             scale = self.trainer.world_size / num_tokens
@@ -252,6 +275,41 @@ class PolicyModule(L.LightningModule):
         self.log("train/wall_seconds", time.perf_counter() - self._fit_start)
         for name, values in self._window_stats.items():
             self.log(f"train/{name}", sum(values) / len(values), prog_bar=name == "completion_length")
+
+    def _gradients_are_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # One fused norm per tensor: a NaN or an Inf anywhere makes its norm non-finite.
+        return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+    def _skip_nonfinite_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients (no optimizer, scheduler or teacher update); stop after too many."""
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if self.global_rank == 0:
+            log.warning(
+                "Step %d: the loss or a gradient is not finite; the step is skipped (%d in a row, %d in all)",
+                self.global_step,
+                self._nonfinite_in_a_row,
+                self.nonfinite_steps,
+            )
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps_in_a_row:
+            path = self._save_fault_checkpoint()
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(algorithm.max_nonfinite_steps_in_a_row={self.max_nonfinite_steps_in_a_row}). The weights "
+                f"of the last good step ({self.global_step}) are saved in {path}; resume with "
+                f"ckpt_path={path} after lowering the learning rate, enabling gradient clipping "
+                "(algorithm.gradient_clip_val) or checking the model's dtype (bf16 rather than fp16)."
+            )
+
+    def _save_fault_checkpoint(self) -> str:
+        callback = self.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or f"{self.trainer.default_root_dir}/checkpoints"
+        path = f"{folder}/nonfinite-step={self.global_step}.ckpt"
+        self.trainer.save_checkpoint(path)
+        return path
 
     def count_generated(self, rollout: Rollout) -> int:
         """Add this micro-batch's generated tokens, summed over ranks, to the running total."""
@@ -309,6 +367,7 @@ class PolicyModule(L.LightningModule):
     # ---- checkpoint state that is not a tensor ------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["opsd_generated_tokens"] = self.generated_tokens
+        checkpoint["opsd_nonfinite_steps"] = self.nonfinite_steps
         # Rollouts are seeded by (seed, step, micro-batch, rank); the global streams (dropout) are saved
         # so that a resumed run continues exactly.
         checkpoint["opsd_rng"] = {
@@ -318,6 +377,7 @@ class PolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.generated_tokens = checkpoint.get("opsd_generated_tokens", 0)
+        self.nonfinite_steps = checkpoint.get("opsd_nonfinite_steps", 0)
         rng = checkpoint.get("opsd_rng")
         if rng is not None:
             torch.set_rng_state(rng["torch"])

@@ -1,0 +1,92 @@
+"""Runs that meet a numerical fault or an interruption lose nothing: a non-finite step is skipped and
+counted, too many in a row save a checkpoint and stop with a clear error; the same seed repeats a run."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from opsd_lightning.algorithms import OPSDModule
+from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.data import ArithDataModule
+from opsd_lightning.losses import ForwardKL
+from opsd_lightning.teachers import FixedTeacher
+
+from .conftest import quiet_trainer
+
+
+def make_module(tiny, **kwargs) -> OPSDModule:
+    return OPSDModule(
+        model=tiny.model,
+        tokenizer=tiny.tokenizer,
+        contexts=ContextRenderer(tiny.tokenizer),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        divergence=ForwardKL(),
+        teacher=FixedTeacher(),
+        sampling={"temperature": 1.0, "max_new_tokens": 6},
+        **kwargs,
+    )
+
+
+def poison_gradients(model: torch.nn.Module, calls: set[int]) -> list[int]:
+    """Make the gradient of one weight NaN on the given backward calls (0-based); returns the call log."""
+    seen: list[int] = []
+    weight = next(p for name, p in model.named_parameters() if "q_proj" in name)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        seen.append(len(seen))
+        return grad * float("nan") if seen[-1] in calls else grad
+
+    weight.register_hook(hook)
+    return seen
+
+
+def fit(module: OPSDModule, root, steps: int, **trainer_kwargs) -> None:
+    trainer = quiet_trainer(root, max_steps=steps, **trainer_kwargs)
+    trainer.fit(module, datamodule=ArithDataModule(train_size=16, val_size=4, batch_size=2, seed=0))
+    return trainer
+
+
+def test_a_nonfinite_gradient_skips_the_step_and_counts_it(fresh_tiny, tmp_path):
+    calls = poison_gradients(fresh_tiny.model, calls={0})
+    module = make_module(fresh_tiny)
+    trainer = fit(module, tmp_path, steps=2)
+    assert trainer.global_step == 2 and len(calls) == 3  # 3 batches: one skipped, two steps taken
+    assert module.nonfinite_steps == 1
+    assert trainer.callback_metrics["train/nonfinite_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in fresh_tiny.model.parameters())
+
+
+def test_a_nonfinite_loss_skips_the_step(fresh_tiny, tmp_path):
+    module = make_module(fresh_tiny)
+    before = {k: v.clone() for k, v in fresh_tiny.model.state_dict().items()}
+    original = module.micro_batch_loss
+
+    def nan_loss(batch, micro_index):
+        result = original(batch, micro_index)
+        result.loss_sum = result.loss_sum * float("nan")
+        return result
+
+    module.micro_batch_loss = nan_loss
+    trainer = fit(module, tmp_path, steps=1, max_epochs=1, limit_train_batches=2)
+    assert trainer.global_step == 0 and module.nonfinite_steps == 2
+    for key, value in fresh_tiny.model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} moved on a skipped step"
+
+
+def test_too_many_nonfinite_steps_in_a_row_save_a_checkpoint_and_stop(fresh_tiny, tmp_path):
+    poison_gradients(fresh_tiny.model, calls={1, 2, 3, 4, 5})  # step 1 is good, then only faults
+    module = make_module(fresh_tiny, max_nonfinite_steps_in_a_row=3)
+    checkpoints = tmp_path / "checkpoints"
+    callback = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=100)
+    message = r"3 optimizer steps in a row.*max_nonfinite_steps_in_a_row=3"
+    with pytest.raises(FloatingPointError, match=message):
+        fit(module, tmp_path, steps=10, callbacks=[callback], enable_checkpointing=True)
+    good = {k: v.clone() for k, v in fresh_tiny.model.state_dict().items()}
+    saved = torch.load(checkpoints / "nonfinite-step=1.ckpt", weights_only=False)
+    assert saved["global_step"] == 1
+    for key, value in good.items():  # the weights of the last good step, nothing lost
+        torch.testing.assert_close(saved["state_dict"][f"model.{key}"], value, rtol=0, atol=0)
