@@ -123,3 +123,18 @@ def test_ddp_resume_continues_each_ranks_shard_exactly(tmp_path):
     for key, value in straight.items():
         if key != "generated_tokens":  # counted in the spawned processes, not copied back
             torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_opsd_trains_wrapper_passes_the_trainer_to_the_training_data_for_its_shard():
+    """`opsd-train` wraps the datamodule with the benchmarks; the wrapped one must still see the trainer
+    (its DDP rank, its progress for checkpoints), or every rank would train on the same problems."""
+    from types import SimpleNamespace
+
+    from opsd_lightning.data import ArithDataModule
+    from opsd_lightning.evaluation.loaders import WithBenchmarks
+
+    data = WithBenchmarks(ArithDataModule(train_size=8, val_size=4, batch_size=2, seed=0), [], 1)
+    data.setup("fit")
+    data.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1})
+    sampler = data.train_dataloader().sampler
+    assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, 1, 4)

@@ -4,6 +4,10 @@ counted, too many in a row save a checkpoint and stop with a clear error; the sa
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +94,44 @@ def test_too_many_nonfinite_steps_in_a_row_save_a_checkpoint_and_stop(fresh_tiny
     assert saved["global_step"] == 1
     for key, value in good.items():  # the weights of the last good step, nothing lost
         torch.testing.assert_close(saved["state_dict"][f"model.{key}"], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_run_saves_a_checkpoint_that_resumes_exactly(tmp_path, signal_number):
+    """A real `opsd-train` in a subprocess gets the signal once training has started; resuming its
+    checkpoint to the end gives bit-identical weights to an uninterrupted run."""
+    from opsd_lightning.train import train
+
+    from .test_configs import compose_train
+    from .test_train import TINY
+
+    steps = 4
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+        f"trainer.max_steps={steps}",
+        "logger=none",
+        "validate_before=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "opsd_lightning.train", *overrides, f"hydra.run.dir={tmp_path / 'cut'}"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "saves a checkpoint after the current optimizer step" in line:
+            process.send_signal(signal_number)
+    assert process.wait(timeout=300) == 128 + signal_number, "".join(output[-30:])
+    interrupted = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
+    assert "Resume with the same overrides plus ckpt_path=" in "".join(output)
+    cut_at = torch.load(interrupted, weights_only=False)["global_step"]
+    assert 1 <= cut_at < steps  # stopped after a finished step, before the end
+
+    straight = train(compose_train(overrides, tmp_path / "straight"))
+    resumed = train(compose_train([*overrides, f"ckpt_path={interrupted}"], tmp_path / "resumed"))
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == steps
+    weights = [
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for run in ("straight", "resumed")
+    ]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)

@@ -1,10 +1,14 @@
-"""Lightning callbacks of our own: LoRA adapters saved in the standard PEFT folder format."""
+"""Lightning callbacks of our own: LoRA adapters saved in the standard PEFT folder format, and a stop on
+SIGTERM / Ctrl-C that saves a checkpoint which resumes exactly."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 
 import lightning as L
 
@@ -38,3 +42,64 @@ class SaveAdapters(L.Callback):
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(folder))
         log.info("Saved LoRA adapters to %s", last)
+
+
+class TrainingInterrupted(Exception):
+    """Raised by `GracefulStop` after it saved `checkpoint`; `signal_number` is what stopped the run."""
+
+    def __init__(self, signal_number: int, checkpoint: str, step: int) -> None:
+        self.signal_number, self.checkpoint, self.step = signal_number, checkpoint, step
+        name = signal.Signals(signal_number).name
+        super().__init__(f"{name} at optimizer step {step}: the run is saved in {checkpoint}")
+
+
+class GracefulStop(L.Callback):
+    """On SIGTERM (a cluster's preemption or time limit) or a first Ctrl-C, finish the current optimizer
+    step, save `<checkpoint dir>/interrupted.ckpt` and raise `TrainingInterrupted`. A second Ctrl-C stops
+    at once, as usual.
+
+    The checkpoint is written between optimizer steps, like `ModelCheckpoint`'s, so `ckpt_path=` resumes
+    the run exactly (weights, optimizer, scheduler, EMA teacher, RNG, data position). Lightning's own
+    SIGTERM handling only stops at an epoch's end, which can be hours away on a large dataset.
+    """
+
+    def __init__(self) -> None:
+        self._signal: int | None = None
+        self._previous_sigint = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signal = None
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        log.info("SIGTERM or Ctrl-C saves a checkpoint after the current optimizer step and stops the run")
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self._signal is not None:  # a second Ctrl-C: the usual KeyboardInterrupt
+            signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self._signal = signum
+        log.warning("Ctrl-C: stopping after the current optimizer step (again to stop at once)")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not getattr(pl_module, "ended_optimizer_step", True):
+            return
+        local = self._signal or (signal.SIGTERM if trainer.received_sigterm else 0)
+        # Any rank's signal stops every rank, at the same step (a collective decision).
+        if not trainer.strategy.reduce_boolean_decision(bool(local), all=False):
+            return
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
+        path = f"{folder}/interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        raise TrainingInterrupted(local or signal.SIGTERM, path, trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from opsd_lightning._paths import config_dir
 from opsd_lightning.app import build_benchmarks, build_model, instantiate_datamodule, output_dir
+from opsd_lightning.callbacks import TrainingInterrupted
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.loaders import WithBenchmarks
 from opsd_lightning.evaluation.runner import EvalSettings
@@ -70,7 +71,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Resuming from %s: skipping the base model's validation", cfg.ckpt_path)
     elif cfg.get("validate_before", True):
         metrics["base"] = _merged(trainer.validate(module, datamodule=data, verbose=False))
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    except TrainingInterrupted as stop:
+        # The exit status a shell or scheduler expects of a signalled job (130 Ctrl-C, 143 SIGTERM).
+        log.error("%s. Resume with the same overrides plus ckpt_path=%s", stop, stop.checkpoint)
+        raise SystemExit(128 + stop.signal_number) from stop
     # Read the last training metrics before test() replaces trainer.callback_metrics.
     metrics["train"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     metrics["final"] = _merged(trainer.test(module, datamodule=data, verbose=False))

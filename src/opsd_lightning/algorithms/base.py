@@ -166,6 +166,7 @@ class PolicyModule(L.LightningModule):
         self.max_nonfinite_steps_in_a_row = max_nonfinite_steps_in_a_row
         self.nonfinite_steps = 0  # skipped optimizer steps, saved in checkpoints
         self._nonfinite_in_a_row = 0
+        self.ended_optimizer_step = False
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.eval_metrics = nn.ModuleDict(
             {
@@ -223,7 +224,11 @@ class PolicyModule(L.LightningModule):
         self._window["num_tokens"] += float(result.num_tokens)
         for name, value in result.stats.items():
             self._window_stats.setdefault(name, []).append(value)
-        if micro_index + 1 == self.accumulate_grad_batches or self._is_last_batch(batch_idx):
+        # Read by GracefulStop: a checkpoint between optimizer steps resumes exactly.
+        self.ended_optimizer_step = micro_index + 1 == self.accumulate_grad_batches or self._is_last_batch(
+            batch_idx
+        )
+        if self.ended_optimizer_step:
             self._optimizer_step()
         return result.loss_sum.detach()
 

@@ -74,7 +74,7 @@ class WithBenchmarks(L.LightningDataModule):
                 self.rows[benchmark.name] = load(self.datamodule) if load else benchmark.load()
 
     def train_dataloader(self):
-        return self.datamodule.train_dataloader()
+        return self._inner().train_dataloader()
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
@@ -86,7 +86,13 @@ class WithBenchmarks(L.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        return self.datamodule.state_dict()
+        return self._inner().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.datamodule.load_state_dict(state_dict)
+        self._inner().load_state_dict(state_dict)
+
+    def _inner(self) -> L.LightningDataModule:
+        # Lightning attaches the trainer to this wrapper only; the training data needs it too, for its
+        # shard under DDP and for the data position saved in checkpoints.
+        self.datamodule.trainer = self.trainer
+        return self.datamodule
