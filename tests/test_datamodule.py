@@ -139,6 +139,163 @@ def test_bad_paths_name_the_file(tmp_path):
         built(path=str(corrupt))
 
 
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    """Write each line as given (str or raw bytes) followed by a newline."""
+    path.write_bytes(b"".join((line.encode() if isinstance(line, str) else line) + b"\n" for line in lines))
+    return path
+
+
+def good_json_line(index: int) -> str:
+    return json.dumps({"problem": f"p{index}", "solution": f"s{index}"})
+
+
+def read_error(path: str | list[str], **kwargs) -> str:
+    """The message of the ValueError that loading `path` raises; the underlying error stays chained."""
+    with pytest.raises(ValueError) as info:
+        built(path=path, val_size=0, **kwargs)
+    assert info.value.__cause__ is not None
+    return str(info.value)
+
+
+def test_truncated_jsonl_line_is_named_by_file_and_line(tmp_path):
+    path = write_lines(
+        tmp_path / "data.jsonl",
+        [good_json_line(0), good_json_line(1), '{"problem": "p2", "solution": ', good_json_line(3)],
+    )
+    message = read_error(str(path))
+    assert f"{path}:3: invalid JSON (Expecting value at column 31)" in message
+
+
+def test_json_document_error_reports_json_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"problem": "p0", "solution": "s0"},\n  {"problem": "p1" "solution": "s1"}\n]\n')
+    assert f"{path}:3: invalid JSON (Expecting ',' delimiter at column 20)" in read_error(str(path))
+
+
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [good_json_line(0), "[1, 2]"])
+    assert f"{path}:2: expected one JSON object per line, got list" in read_error(str(path))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "corrupt"),
+    [
+        (".jsonl", b'{"problem": "p", "solution": "s"}\n{oops\n'),
+        (".csv", b"problem,solution\np,s\np,s,extra\n"),
+        (".parquet", b"not a parquet file"),
+    ],
+)
+def test_corrupt_second_file_is_named_and_not_the_first(tmp_path, suffix, corrupt):
+    first = write_rows(make_rows(3), tmp_path / f"first{suffix}")
+    second = tmp_path / f"second{suffix}"
+    second.write_bytes(corrupt)
+    message = read_error([str(first), str(second)])
+    assert str(second) in message
+    assert str(first) not in message
+
+
+def test_corrupt_csv_names_the_file_and_the_reader_error(tmp_path):
+    # datasets (pandas) rejects a row with more fields than the header, and says which line.
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("problem,solution\np0,s0\np1,s1,extra\n")
+    reader_error = "ParserError: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"
+    assert f"{ragged}: {reader_error}" in read_error(str(ragged))
+    # Binary junk is not UTF-8, which datasets requires of csv.
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(bytes(range(256)) * 4)
+    assert f"{junk}:2: not valid UTF-8 (byte 0x80" in read_error(str(junk))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_file_that_is_not_utf8_is_named_by_line(tmp_path, suffix):
+    # A jsonl loads but fails once its values are decoded; a csv fails to load: both name the line.
+    if suffix == ".jsonl":
+        lines = [good_json_line(0), b'{"problem": "caf\xe9", "solution": "s"}']
+    else:
+        lines = ["problem,solution", "p0,s0", b"caf\xe9,s1"]
+    path = write_lines(tmp_path / f"latin1{suffix}", lines)
+    line = len(lines)
+    assert f"{path}:{line}: not valid UTF-8 (byte 0xe9 at column" in read_error(str(path))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_empty_file_is_named(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_text("" if suffix != ".jsonl" else "\n\n")
+    assert f"{path}: the file is empty" in read_error(str(path))
+
+
+def bad_row_source(tmp_path: Path, field: str, value: str | None, at: int = 2, count: int = 6) -> Path:
+    rows = make_rows(count)
+    rows[at][field] = value
+    return write_rows(rows, tmp_path / "data.jsonl")
+
+
+def test_empty_and_whitespace_rows_are_skipped_and_counted(tmp_path, caplog):
+    rows = make_rows(6)
+    rows[1]["problem"] = ""
+    rows[3]["solution"] = " \n\t "
+    rows[4]["problem"] = None
+    path = write_rows(rows, tmp_path / "data.jsonl")
+    with caplog.at_level(logging.WARNING, logger=datamodule_module.__name__):
+        module = built(path=str(path), val_size=0)
+    assert module.num_skipped_rows == 3
+    assert [row["problem"] for row in module.train_rows] == ["p0", "p2", "p5"]
+    assert "Skipped 3 rows" in caplog.text
+    assert str(path) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "defect"),
+    [("problem", "", "an empty"), ("solution", " \t\n", "an empty"), ("problem", None, "a null")],
+)
+def test_bad_rows_raise_names_file_split_row_and_field(tmp_path, field, value, defect):
+    path = bad_row_source(tmp_path, field, value)
+    with pytest.raises(ValueError) as info:
+        built(path=str(path), val_size=0, bad_rows="raise")
+    message = str(info.value)
+    for expected in (f"Row 2 (0-based) of {path}", "split 'train'", f"{defect}", f"'{field}'"):
+        assert expected in message
+    assert "data.bad_rows=skip" in message
+
+
+def test_bad_rows_raise_names_the_mapped_column(tmp_path):
+    rows = [{"question": f"q{i}", "solution": f"s{i}"} for i in range(4)]
+    rows[1]["question"] = "   "
+    path = write_rows(rows, tmp_path / "data.jsonl")
+    with pytest.raises(ValueError, match=r"Row 1 .* 'problem' \(column 'question'\)"):
+        built(path=str(path), columns={"problem": "question"}, val_size=0, bad_rows="raise")
+
+
+def test_bad_rows_raise_gives_the_row_of_the_source_split_after_holding_out(tmp_path):
+    path = bad_row_source(tmp_path, "solution", "", at=13, count=20)
+    parts_seen = set()
+    for seed in range(6):
+        # Under skip the 10/10 split shows which part the bad row fell in.
+        skipped = built(path=str(path), val_size=10, seed=seed)
+        parts_seen.add("train" if len(skipped.train_rows) == 9 else "val")
+        with pytest.raises(ValueError, match=r"Row 13 \(0-based\)"):
+            built(path=str(path), val_size=10, seed=seed, bad_rows="raise")
+    assert parts_seen == {"train", "val"}
+
+
+def test_bad_rows_raise_leaves_good_data_alone(tmp_path):
+    path = str(write_rows(make_rows(12), tmp_path / "data.jsonl"))
+    strict, lenient = built(path=path, val_size=3, bad_rows="raise"), built(path=path, val_size=3)
+    assert (strict.train_rows, strict.val_rows) == (lenient.train_rows, lenient.val_rows)
+
+
+def test_invalid_bad_rows_policy_is_rejected(tmp_path):
+    path = str(write_rows(make_rows(3), tmp_path / "data.jsonl"))
+    with pytest.raises(ValueError, match=r"data\.bad_rows must be one of \['skip', 'raise'\], got 'drop'"):
+        ReasoningDataModule(path=path, bad_rows="drop")
+
+
+def test_config_default_bad_rows_matches_the_class():
+    config = OmegaConf.load(REPO_ROOT / "conf" / "data" / "reasoning.yaml")
+    assert config.bad_rows == "skip"
+
+
 def test_validation_size_as_count_fraction_or_none(tmp_path):
     path = str(write_rows(make_rows(40), tmp_path / "data.jsonl"))
     by_count = built(path=path, val_size=7)

@@ -191,6 +191,18 @@ def test_opsd_train_multirun_over_algorithms(tmp_path):
         ("divergence.beta=2", "beta"),
         ("evaluation.ks=[8]", "evaluation.ks"),
         ("teacher.decay=1.5", "teacher.decay"),
+        ("teacher.decay=0", "teacher.decay"),
+        ("divergence=topk divergence.k=0", "k must be >= 1"),
+        ("divergence=topk divergence.k=100000", r"divergence.k=100000 exceeds .* 512 tokens"),
+        ("teacher=[fixed,ema]", r"teacher=\[fixed, ?ema\] selects several"),
+        ("+teacher.decay=0.5 teacher=fixed", "decay"),  # an EMA option on the fixed teacher
+        ("algorithm.sampling.temperature=-1", "algorithm.sampling.temperature=-1"),
+        ("algorithm.sampling.top_p=0", "algorithm.sampling.top_p"),
+        ("algorithm.loss.chunk_size=0", "algorithm.loss.chunk_size"),
+        ("algorithm.micro_batch_size=0", "algorithm.micro_batch_size"),
+        ("algorithm.accumulate_grad_batches=0", "algorithm.accumulate_grad_batches"),
+        ("algorithm.max_nonfinite_steps_in_a_row=0", "algorithm.max_nonfinite_steps_in_a_row"),
+        ("algorithm.gradient_clip_val=-1", "algorithm.gradient_clip_val"),
     ],
 )
 def test_bad_options_fail_before_anything_is_loaded(override, message, tmp_path, monkeypatch):
@@ -201,10 +213,23 @@ def test_bad_options_fail_before_anything_is_loaded(override, message, tmp_path,
 
     monkeypatch.setattr(train_module, "instantiate_datamodule", must_not_load)
     monkeypatch.setattr(train_module, "build_model", must_not_load)
-    overrides = ["divergence=jsd", "teacher=ema"] + [override]
+    overrides = ["divergence=jsd", "teacher=ema", *override.split()]
     # Hydra wraps errors raised inside a target as InstantiationException, naming the config key.
     with pytest.raises((ValueError, InstantiationException), match=message):
         train_module.train(compose_train(overrides, tmp_path))
+
+
+def test_lora_without_peft_installed_fails_before_anything_is_loaded(tmp_path, monkeypatch):
+    import importlib.util
+
+    from opsd_lightning import checks
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        checks.importlib.util, "find_spec", lambda name: None if name == "peft" else real_find_spec(name)
+    )
+    with pytest.raises(ImportError, match="peft=lora needs the `peft` package"):
+        checks.check_config(compose_train(["peft=lora"], tmp_path))
 
 
 def test_experiment_sweeps_share_one_folder_with_one_subfolder_per_setting(tmp_path):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from opsd_lightning._paths import config_dir
 from opsd_lightning.app import build_benchmarks, build_model, instantiate_datamodule, output_dir
 from opsd_lightning.callbacks import TrainingInterrupted
+from opsd_lightning.checks import check_config
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.loaders import WithBenchmarks
 from opsd_lightning.evaluation.runner import EvalSettings
@@ -35,11 +36,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    # Cheap objects first, so a bad option (divergence.beta=2, teacher.decay=1) fails before the
-    # warm-up, the data or the model are loaded.
-    for group in ("divergence", "teacher"):
-        if cfg.get(group):
-            instantiate(cfg[group])
+    # Cheap checks first, so a bad option (divergence.beta=2, teacher.decay=1) fails before the warm-up,
+    # the data or the model are loaded.
+    check_config(cfg)
     settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
 
     datamodule = instantiate_datamodule(cfg.data)

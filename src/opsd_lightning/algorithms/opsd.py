@@ -24,7 +24,7 @@ from opsd_lightning.algorithms.base import (
     completion_logits,
 )
 from opsd_lightning.contexts import TokenBatch, build_scoring_batch
-from opsd_lightning.losses import Divergence, masked_token_sum
+from opsd_lightning.losses import Divergence, TopK, masked_token_sum
 from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum
 from opsd_lightning.rollout import SamplingConfig, eval_mode, generate_rollouts
 from opsd_lightning.teachers import DynamicTeacher, Teacher
@@ -67,6 +67,12 @@ class OPSDModule(PolicyModule):
         if isinstance(rationale_sampling, Mapping):
             rationale_sampling = SamplingConfig(**rationale_sampling)
         self.rationale_sampling = rationale_sampling or SamplingConfig(temperature=0.0, max_new_tokens=64)
+        vocabulary = self.model.get_output_embeddings().weight.shape[0]
+        if isinstance(divergence, TopK) and divergence.k > vocabulary:
+            raise ValueError(
+                f"divergence.k={divergence.k} exceeds the model's vocabulary of {vocabulary} tokens; "
+                f"use 1 <= divergence.k <= {vocabulary}"
+            )
         self.divergence = divergence
         self.teacher = teacher if teacher is not None else DynamicTeacher()
         self.teacher.attach(self.model)

@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from opsd_lightning.data.file_errors import describe_error, find_bad_file
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ REQUIRED_FIELDS = ("problem", "solution")
 OPTIONAL_FIELDS = ("answer",)
 
 _DEFAULT_COLUMNS: dict[str, str | None] = {field: field for field in REQUIRED_FIELDS + OPTIONAL_FIELDS}
+# What to do with a row whose problem or solution is null, empty or whitespace-only.
+BAD_ROW_POLICIES = ("skip", "raise")
 _FORMAT_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Rows are read from Arrow in blocks so a `max_*_samples` cap stops early on a large hub dataset.
 _READ_BLOCK_ROWS = 1024
@@ -178,9 +184,14 @@ class ReasoningDataModule(RawTextDataModule):
     one split, "train"; `split` and `val_split` may slice it (e.g. "train[:90%]").
 
     Validation comes from `val_split` when given, else `val_size` rows (an int count or a float fraction
-    in (0, 1), 0 for none) are held out of `split` with a split seeded by `seed`. Rows whose problem or
-    solution is null are skipped and counted in `num_skipped_rows`; `max_train_samples` and
+    in (0, 1), 0 for none) are held out of `split` with a split seeded by `seed`. `max_train_samples` and
     `max_val_samples` cap each side after the split.
+
+    A bad row has a null, empty or whitespace-only problem or solution. With `bad_rows="skip"` such rows
+    are skipped, counted in `num_skipped_rows` and reported in one warning; with `bad_rows="raise"` the
+    first one read raises a ValueError naming the source, split, row and field. Rows past a `max_*_samples`
+    cap are not read, so they are neither counted nor raised on. A file that cannot be read is named in the
+    error, with its line where the format has lines (jsonl, json, and csv encoding errors).
     """
 
     def __init__(
@@ -194,6 +205,7 @@ class ReasoningDataModule(RawTextDataModule):
         val_size: int | float = 0.05,
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
+        bad_rows: str = "skip",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -202,6 +214,8 @@ class ReasoningDataModule(RawTextDataModule):
         super().__init__(
             batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed
         )
+        if bad_rows not in BAD_ROW_POLICIES:
+            raise ValueError(f"data.bad_rows must be one of {list(BAD_ROW_POLICIES)}, got {bad_rows!r}")
         if (path is None) == (name is None):
             raise ValueError(
                 "ReasoningDataModule needs exactly one of `path` (local files) or `name` (a hub dataset id), "
@@ -216,6 +230,7 @@ class ReasoningDataModule(RawTextDataModule):
         self.val_size = _check_val_size(val_size)
         self.max_train_samples = max_train_samples
         self.max_val_samples = max_val_samples
+        self.bad_rows = bad_rows
         self.num_skipped_rows = 0
 
     @property
@@ -229,8 +244,12 @@ class ReasoningDataModule(RawTextDataModule):
         train_source = self._load(self.split)
         train_columns = val_columns = self._resolve_columns(train_source)
         val_source: Dataset | None = None
+        val_split = self.split
+        # Maps a row's position in a part back to its row in the source split, for bad-row errors.
+        train_position: Callable[[int], int] = _same_position
+        val_position: Callable[[int], int] = _same_position
         if self.val_split is not None:
-            val_source = self._load(self.val_split)
+            val_source, val_split = self._load(self.val_split), self.val_split
             val_columns = self._resolve_columns(val_source)
         elif self.val_size:
             if isinstance(self.val_size, int) and self.val_size >= len(train_source):
@@ -238,21 +257,63 @@ class ReasoningDataModule(RawTextDataModule):
                     f"val_size={self.val_size} leaves no training rows: {self.source} split "
                     f"{self.split!r} has {len(train_source)} rows"
                 )
-            parts = train_source.train_test_split(test_size=self.val_size, seed=self.seed)
+            source_rows = len(train_source)
+            parts = self._hold_out(train_source)
             train_source, val_source = parts["train"], parts["test"]
+            train_position = partial(self._held_out_position, source_rows, "train")
+            val_position = partial(self._held_out_position, source_rows, "test")
 
-        train_rows, train_skipped = _to_rows(train_source, train_columns, self.max_train_samples)
+        train_rows, train_skipped = self._read_rows(
+            train_source, train_columns, self.max_train_samples, self.split, train_position
+        )
         val_rows, val_skipped = [], 0
         if val_source is not None:
-            val_rows, val_skipped = _to_rows(val_source, val_columns, self.max_val_samples)
+            val_rows, val_skipped = self._read_rows(
+                val_source, val_columns, self.max_val_samples, val_split, val_position
+            )
         self.num_skipped_rows = train_skipped + val_skipped
         if self.num_skipped_rows:
             logger.warning(
-                "Skipped %d rows of %s whose problem or solution is null", self.num_skipped_rows, self.source
+                "Skipped %d rows of %s whose problem or solution is null, empty or whitespace-only "
+                "(data.bad_rows=skip; set data.bad_rows=raise to stop at the first one)",
+                self.num_skipped_rows,
+                self.source,
             )
         if not train_rows:
-            raise ValueError(f"{self.source} has no training rows with a problem and a solution")
+            raise ValueError(f"{self.source} has no training rows with a non-empty problem and solution")
         return train_rows, val_rows
+
+    def _hold_out(self, dataset: Dataset) -> dict[str, Dataset]:
+        return dataset.train_test_split(test_size=self.val_size, seed=self.seed)
+
+    def _held_out_position(self, source_rows: int, part: str, position: int) -> int:
+        # train_test_split's order depends only on the row count, test_size and seed, so splitting the
+        # row numbers the same way recovers where a row of a part sits in the source split.
+        row_numbers = Dataset.from_dict({"row": list(range(source_rows))})
+        return self._hold_out(row_numbers)[part][position]["row"]
+
+    def _read_rows(
+        self,
+        dataset: Dataset,
+        columns: Mapping[str, str | None],
+        limit: int | None,
+        split: str,
+        position_in_split: Callable[[int], int],
+    ) -> tuple[list[dict[str, str]], int]:
+        try:
+            return _to_rows(dataset, columns, limit, stop_at_bad_row=self.bad_rows == "raise")
+        except _BadRowFound as bad:
+            field = bad.defect.field
+            column_note = "" if columns[field] == field else f" (column {columns[field]!r})"
+            defect = "a null" if bad.defect.defect == "null" else "an empty or whitespace-only"
+            raise ValueError(
+                f"Row {position_in_split(bad.position)} (0-based) of {self.source}, split {split!r}, has "
+                f"{defect} {field!r}{column_note}; fix the data, or set data.bad_rows=skip to skip and "
+                "count such rows"
+            ) from None
+        except UnicodeDecodeError as err:
+            # The JSON reader keeps invalid UTF-8 as it is; it only fails here, when values are decoded.
+            raise self._read_error(split, err) from err
 
     def _load(self, split: str) -> Dataset:
         if self.data_files is None:
@@ -260,10 +321,27 @@ class ReasoningDataModule(RawTextDataModule):
         try:
             return load_dataset(self.file_format, data_files=self.data_files, split=split)
         except Exception as err:
-            # The datasets error rarely says which of the files it could not parse.
-            raise ValueError(
-                f"Cannot read {self.source} as {self.file_format} (split {split!r}): {err}"
-            ) from err
+            raise self._read_error(split, err) from err
+
+    def _read_error(self, split: str, err: Exception) -> ValueError:
+        """The error for a source that failed to read, naming the file (and line) to blame when one is."""
+        cause = describe_error(err)
+        if self.data_files is None:
+            return ValueError(f"Cannot read {self.source} (split {split!r}): {cause}")
+        # The datasets error rarely says which of the files it could not parse, so look for it; this
+        # runs only once reading has failed.
+        try:
+            culprit = find_bad_file(self.data_files, self.file_format)
+        except Exception:  # a failing diagnosis must not hide the error it was diagnosing
+            logger.debug("Could not find which of %s failed to read", self.source, exc_info=True)
+            culprit = None
+        if culprit is not None:
+            return ValueError(f"Cannot read data file {culprit}")
+        every_file_reads = " (each file reads on its own: do they share columns and types?)"
+        return ValueError(
+            f"Cannot read {self.source} as {self.file_format} (split {split!r}): {cause}"
+            + (every_file_reads if len(self.data_files) > 1 else "")
+        )
 
     def _resolve_columns(self, dataset: Dataset) -> dict[str, str | None]:
         """Our field -> source column, with `answer` None when the source has none; raises on a gap."""
@@ -322,31 +400,63 @@ def _check_val_size(val_size: int | float) -> int | float:
     return val_size
 
 
-def _iter_rows(dataset: Dataset, columns: Mapping[str, str | None]) -> Iterator[dict[str, str] | None]:
-    """Yield each source row with our fields as str, or None when its problem or solution is null."""
+class _Defect(NamedTuple):
+    """Why a row is bad: its `field` (problem or solution) is "null" or "empty" (incl. whitespace-only)."""
+
+    field: str
+    defect: str
+
+
+class _BadRowFound(Exception):
+    """Raised by `_to_rows` when asked to stop at a bad row; `position` is the row's index in its dataset."""
+
+    def __init__(self, position: int, defect: _Defect) -> None:
+        super().__init__(position, defect)
+        self.position, self.defect = position, defect
+
+
+def _row_defect(values: Mapping[str, object]) -> _Defect | None:
+    for field in REQUIRED_FIELDS:
+        if values[field] is None:
+            return _Defect(field, "null")
+        if not str(values[field]).strip():
+            return _Defect(field, "empty")
+    return None
+
+
+def _iter_rows(dataset: Dataset, columns: Mapping[str, str | None]) -> Iterator[dict[str, str] | _Defect]:
+    """Yield each source row with our fields as str, or the defect of a row with a bad problem/solution."""
     used = list(dict.fromkeys(column for column in columns.values() if column is not None))
     for block in dataset.select_columns(used).iter(batch_size=_READ_BLOCK_ROWS):
         for index in range(len(block[used[0]])):
             values = {
                 field: None if column is None else block[column][index] for field, column in columns.items()
             }
-            if any(values[field] is None for field in REQUIRED_FIELDS):
-                yield None
+            defect = _row_defect(values)
+            if defect is not None:
+                yield defect
             else:
                 yield {field: "" if value is None else str(value) for field, value in values.items()}
 
 
 def _to_rows(
-    dataset: Dataset, columns: Mapping[str, str | None], limit: int | None
+    dataset: Dataset, columns: Mapping[str, str | None], limit: int | None, stop_at_bad_row: bool = False
 ) -> tuple[list[dict[str, str]], int]:
-    """Up to `limit` usable rows of `dataset`, and how many null rows were skipped on the way."""
+    """Up to `limit` usable rows of `dataset`, and how many bad rows were skipped on the way; with
+    `stop_at_bad_row`, the first bad row raises `_BadRowFound` instead."""
     rows: list[dict[str, str]] = []
     skipped = 0
-    for row in _iter_rows(dataset, columns):
+    for position, row in enumerate(_iter_rows(dataset, columns)):
         if limit is not None and len(rows) >= limit:
             break
-        if row is None:
+        if isinstance(row, _Defect):
+            if stop_at_bad_row:
+                raise _BadRowFound(position, row)
             skipped += 1
         else:
             rows.append(row)
     return rows, skipped
+
+
+def _same_position(position: int) -> int:
+    return position
