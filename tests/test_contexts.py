@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoTokenizer
 
@@ -137,3 +138,58 @@ def test_reason_first_teacher_context_holds_the_explanation_turn_then_the_follow
     # Without a rationale the teacher context is the usual one-turn prompt.
     assert renderer.teacher_ids("P?", "R.") == renderer.teacher_ids("P?", "R.", rationale=None)
     assert "Explain" not in tok.decode(renderer.teacher_ids("P?", "R."))
+
+
+def overlong_rows() -> list[dict[str, str]]:
+    step = "Add 3 to get 7. "
+    return [
+        {"problem": "What is 2 + 2?", "solution": "2 + 2 = 4.", "answer": "4"},
+        {"problem": "What is 4 + 3?", "solution": step * 40 + "So 7.", "answer": "7"},  # long reference
+        {"problem": "What is 1 + 1? " * 40, "solution": "2.", "answer": "2"},  # long problem
+    ]
+
+
+def test_overlong_rows_truncate_the_reference_or_are_dropped_and_counted(tiny):
+    rows = overlong_rows()
+    short = ContextRenderer(tiny.tokenizer)
+    limit = len(short.teacher_ids(rows[0]["problem"], rows[0]["solution"])) + 20
+    assert len(short.teacher_ids(rows[1]["problem"], rows[1]["solution"])) > limit
+    assert len(short.student_ids(rows[2]["problem"])) > limit
+
+    renderer = ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit)
+    kept, counts = renderer.fit_rows(rows)
+    assert counts == {"dropped": 1, "truncated": 1}
+    assert kept[0] == rows[0]
+    cut = kept[1]["solution"]
+    assert rows[1]["solution"].startswith(cut) and 0 < len(cut) < len(rows[1]["solution"])
+    assert len(renderer.teacher_ids(kept[1]["problem"], cut)) <= limit  # renders without raising
+    # The longest prefix that fits: one more token would not.
+    longer = tiny.tokenizer.encode(rows[1]["solution"], add_special_tokens=False)
+    longer = tiny.tokenizer.decode(longer[: len(tiny.tokenizer.encode(cut, add_special_tokens=False)) + 1])
+    assert len(short.teacher_ids(rows[1]["problem"], longer)) > limit
+
+    dropped, counts = ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="drop").fit_rows(rows)
+    assert dropped == rows[:1] and counts == {"dropped": 2, "truncated": 0}
+    with pytest.raises(ValueError, match=r"training row 1 .*context.max_prompt_tokens=\d+"):
+        ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="raise").fit_rows(rows)
+    with pytest.raises(ValueError, match="context.overlong='cut'"):
+        ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="cut")
+    assert ContextRenderer(tiny.tokenizer).fit_rows(rows) == (rows, {"dropped": 0, "truncated": 0})
+
+
+def test_opsd_train_fits_the_datamodules_training_rows_once_before_training(tiny, caplog):
+    from opsd_lightning.data import ArithDataModule
+    from opsd_lightning.train import fit_training_rows
+
+    data = ArithDataModule(train_size=32, val_size=4, batch_size=2, seed=0)
+    data.setup("fit")
+    plain = ContextRenderer(tiny.tokenizer)
+    lengths = sorted(len(plain.teacher_ids(r["problem"], r["solution"])) for r in data.train_rows)
+    limit = lengths[len(lengths) // 2]  # half of the rows are over it
+    with caplog.at_level("WARNING"):
+        counts = fit_training_rows(data, ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit))
+    over = sum(length > limit for length in lengths)
+    assert over > 0 and counts == {"dropped": 0, "truncated": over}
+    assert len(data.train_rows) == 32
+    assert all(len(plain.teacher_ids(r["problem"], r["solution"])) <= limit for r in data.train_rows)
+    assert f"{over} with a truncated reference solution" in caplog.text

@@ -203,6 +203,8 @@ def test_opsd_train_multirun_over_algorithms(tmp_path):
         ("algorithm.accumulate_grad_batches=0", "algorithm.accumulate_grad_batches"),
         ("algorithm.max_nonfinite_steps_in_a_row=0", "algorithm.max_nonfinite_steps_in_a_row"),
         ("algorithm.gradient_clip_val=-1", "algorithm.gradient_clip_val"),
+        ("context.overlong=cut", "context.overlong='cut'"),
+        ("context.max_prompt_tokens=0", "context.max_prompt_tokens"),
     ],
 )
 def test_bad_options_fail_before_anything_is_loaded(override, message, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from opsd_lightning.contexts import OVERLONG_POLICIES
 from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.losses import TopK
 from opsd_lightning.losses.chunked import LossSettings
@@ -33,6 +34,7 @@ def check_config(cfg: DictConfig) -> None:
             instantiate(cfg[group])
     EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     _check_algorithm(cfg.algorithm)
+    _check_context(cfg.get("context") or {})
     if cfg.get("peft") and importlib.util.find_spec("peft") is None:
         raise ImportError(
             "peft=lora needs the `peft` package (the fixed teacher is the model with its adapters disabled): "
@@ -77,6 +79,15 @@ def _check_algorithm(algorithm: DictConfig) -> None:
     clip = settings.get("gradient_clip_val")
     if clip is not None and not clip > 0:
         raise ValueError(f"algorithm.gradient_clip_val={clip} must be > 0 (or null for no clipping)")
+
+
+def _check_context(context: Mapping) -> None:
+    overlong = context.get("overlong", OVERLONG_POLICIES[0])
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"context.overlong={overlong!r}: use one of {list(OVERLONG_POLICIES)}")
+    limit = context.get("max_prompt_tokens")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"context.max_prompt_tokens={limit!r} must be an integer >= 1 (or null)")
 
 
 def _check_top_k_against_vocabulary(cfg: DictConfig) -> None:

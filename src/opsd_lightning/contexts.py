@@ -114,6 +114,9 @@ def build_scoring_batch(
     )
 
 
+OVERLONG_POLICIES = ("truncate_solution", "drop", "raise")
+
+
 class ContextRenderer:
     """Renders the student context `c_S(x)` and the teacher context `c_T(x, y*)` with the chat template.
 
@@ -122,7 +125,11 @@ class ContextRenderer:
         teacher_template: user message for the teacher; `{problem}` and `{solution}` are filled in.
         system_prompt: optional system message for both contexts.
         student_enable_thinking / teacher_enable_thinking: passed to the chat template independently.
-        max_prompt_tokens: a prompt longer than this raises (truncation policies come with the data layer).
+        max_prompt_tokens: the longest prompt (student or teacher) in tokens; null for no limit.
+        overlong: what `fit_rows` does with a training row whose prompt is longer: `truncate_solution` cuts
+            the reference solution's end until the teacher prompt fits (a student prompt over the limit
+            cannot be cut: that row is dropped), `drop` drops the row, `raise` stops with an error. A prompt
+            that reaches rendering still too long always raises.
         rationale_template / rationale_followup: reason-first only; the user turn asking the teacher to
             explain the reference (`{problem}`, `{solution}`), and the turn after its explanation.
     """
@@ -136,9 +143,14 @@ class ContextRenderer:
         student_enable_thinking: bool = False,
         teacher_enable_thinking: bool = False,
         max_prompt_tokens: int | None = None,
+        overlong: str = "truncate_solution",
         rationale_template: str = DEFAULT_RATIONALE_TEMPLATE,
         rationale_followup: str = DEFAULT_RATIONALE_FOLLOWUP,
     ) -> None:
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"context.overlong={overlong!r}: use one of {list(OVERLONG_POLICIES)}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ValueError(f"context.max_prompt_tokens={max_prompt_tokens} must be >= 1 (or null)")
         if "{problem}" not in student_template:
             raise ValueError("context.student_template must contain {problem}")
         if "{solution}" not in teacher_template:
@@ -152,6 +164,7 @@ class ContextRenderer:
         self.student_enable_thinking = student_enable_thinking
         self.teacher_enable_thinking = teacher_enable_thinking
         self.max_prompt_tokens = max_prompt_tokens
+        self.overlong = overlong
         self.rationale_template = rationale_template
         self.rationale_followup = rationale_followup
 
@@ -199,11 +212,52 @@ class ContextRenderer:
         ids = [self.teacher_ids(p, s, r) for p, s, r in zip(problems, solutions, rationales, strict=True)]
         return left_pad(ids, self.tokenizer.pad_token_id)
 
+    def fit_rows(self, rows: Sequence[dict[str, str]]) -> tuple[list[dict[str, str]], dict[str, int]]:
+        """Apply `overlong` to training rows whose prompt exceeds `max_prompt_tokens`; returns the rows to
+        train on and the counts `{"dropped": ..., "truncated": ...}` (rows are never modified in place)."""
+        counts = {"dropped": 0, "truncated": 0}
+        if self.max_prompt_tokens is None:
+            return list(rows), counts
+        kept = []
+        for index, row in enumerate(rows):
+            student = len(self._render_unchecked(self.student_messages(row["problem"]), False))
+            teacher = len(self._teacher_ids_unchecked(row["problem"], row["solution"]))
+            if max(student, teacher) <= self.max_prompt_tokens:
+                kept.append(row)
+                continue
+            if self.overlong == "raise":
+                raise ValueError(
+                    f"training row {index} has a {student}-token student prompt and a {teacher}-token "
+                    f"teacher prompt, over context.max_prompt_tokens={self.max_prompt_tokens}; set "
+                    "context.overlong=truncate_solution or drop, or raise the limit"
+                )
+            solution = self._truncated_solution(row) if self.overlong == "truncate_solution" else None
+            if solution is None or student > self.max_prompt_tokens:
+                counts["dropped"] += 1
+            else:
+                kept.append({**row, "solution": solution})
+                counts["truncated"] += 1
+        return kept, counts
+
+    def _truncated_solution(self, row: dict[str, str]) -> str | None:
+        """The longest prefix (in tokens) of the solution whose teacher prompt fits; None if none does."""
+        tokens = self.tokenizer.encode(row["solution"], add_special_tokens=False)
+        while tokens:
+            excess = len(self._teacher_ids_unchecked(row["problem"], self.tokenizer.decode(tokens)))
+            excess -= self.max_prompt_tokens
+            if excess <= 0:
+                return self.tokenizer.decode(tokens)
+            tokens = tokens[:-excess]  # re-tokenising at the cut can shift a token or two: check again
+        return None
+
+    def _teacher_ids_unchecked(self, problem: str, solution: str) -> list[int]:
+        return self._render_unchecked(self.teacher_messages(problem, solution), self.teacher_enable_thinking)
+
     def _messages(self, user_content: str) -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*messages, {"role": "user", "content": user_content}]
 
-    def _render(self, messages: list[dict[str, str]], enable_thinking: bool) -> list[int]:
+    def _render_unchecked(self, messages: list[dict[str, str]], enable_thinking: bool) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
             messages,
             tokenize=True,
@@ -211,9 +265,14 @@ class ContextRenderer:
             enable_thinking=enable_thinking,
             return_dict=False,
         )
+        return list(ids)
+
+    def _render(self, messages: list[dict[str, str]], enable_thinking: bool) -> list[int]:
+        ids = self._render_unchecked(messages, enable_thinking)
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise ValueError(
-                f"a rendered prompt has {len(ids)} tokens, "
-                f"over context.max_prompt_tokens={self.max_prompt_tokens}"
+                f"a rendered prompt has {len(ids)} tokens, over context.max_prompt_tokens="
+                f"{self.max_prompt_tokens} (training rows are fitted by context.overlong; this prompt came "
+                "from elsewhere, e.g. a benchmark or a datamodule without train_rows)"
             )
-        return list(ids)
+        return ids

@@ -48,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loaded = build_model(cfg, datamodule)
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
     contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
+    overlong = fit_training_rows(datamodule, contexts)
     module = instantiate(
         cfg.algorithm,
         model=loaded.model,
@@ -66,6 +67,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, Any] = {"benchmarks": {name: len(rows) for name, rows in data.rows.items()}}
+    if overlong is not None:
+        metrics["overlong_training_rows"] = overlong
     if cfg.get("ckpt_path"):  # the base was measured by the run being resumed
         log.info("Resuming from %s: skipping the base model's validation", cfg.ckpt_path)
     elif cfg.get("validate_before", True):
@@ -86,6 +89,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(format_summary(cfg, metrics))
     return metrics
+
+
+def fit_training_rows(datamodule: L.LightningDataModule, contexts: ContextRenderer) -> dict[str, int] | None:
+    """Apply `context.overlong` to the training rows once, before training; the counts, logged."""
+    rows = getattr(datamodule, "train_rows", None)
+    if contexts.max_prompt_tokens is None:
+        return None
+    if rows is None:
+        log.warning(
+            "%s has no train_rows, so context.overlong cannot fit its rows in advance: a prompt over "
+            "context.max_prompt_tokens=%d will raise when rendered",
+            type(datamodule).__name__,
+            contexts.max_prompt_tokens,
+        )
+        return None
+    datamodule.train_rows, counts = contexts.fit_rows(rows)
+    if not datamodule.train_rows:
+        raise ValueError(
+            f"all {len(rows)} training rows are over context.max_prompt_tokens={contexts.max_prompt_tokens} "
+            f"(context.overlong={contexts.overlong}); raise the limit"
+        )
+    if counts["dropped"] or counts["truncated"]:
+        log.warning(
+            "context.max_prompt_tokens=%d: %d of %d training rows dropped, %d with a truncated reference "
+            "solution (context.overlong=%s)",
+            contexts.max_prompt_tokens,
+            counts["dropped"],
+            len(rows),
+            counts["truncated"],
+            contexts.overlong,
+        )
+    return counts
 
 
 def _merged(results: list[dict]) -> dict[str, float]:
