@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.contexts import ContextRenderer
@@ -135,3 +135,66 @@ def test_a_signalled_run_saves_a_checkpoint_that_resumes_exactly(tmp_path, signa
     ]
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+
+
+class RecordRollouts(Callback):
+    """Saves every training rollout's completion ids to `path` (added by config: `+callbacks.record=...`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.completions: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        original = pl_module.rollout
+
+        def rollout(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.completions.append(result.completion_ids.clone())
+            return result
+
+        pl_module.rollout = rollout
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(self.completions, self.path)
+
+
+TIMINGS = ("seconds", "tokens_per_s")
+
+
+def test_the_same_seed_gives_the_same_rollouts_and_metrics(tmp_path):
+    """Two runs of one config on CPU: the same completions, the same metrics (wall time aside); a different
+    seed changes them, so the comparison can fail."""
+    from opsd_lightning.train import train
+
+    from .test_configs import compose_train
+    from .test_train import TINY
+
+    def run(name: str, seed: int) -> tuple[dict, list[torch.Tensor]]:
+        rollouts = tmp_path / f"{name}.pt"
+        overrides = [
+            *TINY,
+            "logger=none",
+            f"seed={seed}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"+callbacks.record._target_={__name__}.RecordRollouts",
+            f"+callbacks.record.path={rollouts}",
+        ]
+        metrics = train(compose_train(overrides, tmp_path / name))
+        # Timings differ from run to run; everything else must not.
+        metrics.pop("wall_seconds"), metrics.pop("output_dir")
+        metrics["train"] = {k: v for k, v in metrics["train"].items() if not k.endswith(TIMINGS)}
+        return metrics, torch.load(rollouts)
+
+    first, first_rollouts = run("first", seed=0)
+    second, second_rollouts = run("second", seed=0)
+    other, other_rollouts = run("other", seed=1)
+    assert len(first_rollouts) == 2 and first_rollouts[0].numel() > 0
+    assert all(torch.equal(a, b) for a, b in zip(first_rollouts, second_rollouts, strict=True))
+    assert sorted(first["train"]) == sorted(second["train"]) and "train/loss" in first["train"]
+    assert first == second, {
+        k: (v, second["train"][k]) for k, v in first["train"].items() if v != second["train"][k]
+    }
+    assert not all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(first_rollouts, other_rollouts, strict=True)
+    )
+    assert other != first
