@@ -96,6 +96,46 @@ def test_too_many_nonfinite_steps_in_a_row_save_a_checkpoint_and_stop(fresh_tiny
         torch.testing.assert_close(saved["state_dict"][f"model.{key}"], value, rtol=0, atol=0)
 
 
+STEPS = 4
+
+
+def signal_overrides(tmp_path) -> list[str]:
+    from .test_train import TINY
+
+    return [o for o in TINY if not o.startswith("trainer.max_steps")] + [
+        f"trainer.max_steps={STEPS}",
+        "logger=none",
+        "validate_before=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+
+
+def run_and_signal(overrides: list[str], run_dir, signal_number: int | None, **env_vars: str) -> list[str]:
+    """`opsd-train` in a subprocess; `signal_number` is sent once training has started. Returns the output
+    and checks the exit status (128 + signal, or 0 without one)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env_vars}
+    command = [sys.executable, "-m", "opsd_lightning.train", *overrides, f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if signal_number and "saves a checkpoint after the current optimizer step" in line:
+            process.send_signal(signal_number)
+    expected = 128 + signal_number if signal_number else 0
+    assert process.wait(timeout=300) == expected, "".join(output[-30:])
+    return output
+
+
+def assert_same_final_weights(first, second) -> None:
+    weights = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        for run in (first, second)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_run_saves_a_checkpoint_that_resumes_exactly(tmp_path, signal_number):
     """A real `opsd-train` in a subprocess gets the signal once training has started; resuming its
@@ -103,38 +143,43 @@ def test_a_signalled_run_saves_a_checkpoint_that_resumes_exactly(tmp_path, signa
     from opsd_lightning.train import train
 
     from .test_configs import compose_train
-    from .test_train import TINY
 
-    steps = 4
-    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")] + [
-        f"trainer.max_steps={steps}",
-        "logger=none",
-        "validate_before=false",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "opsd_lightning.train", *overrides, f"hydra.run.dir={tmp_path / 'cut'}"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:
-        output.append(line)
-        if "saves a checkpoint after the current optimizer step" in line:
-            process.send_signal(signal_number)
-    assert process.wait(timeout=300) == 128 + signal_number, "".join(output[-30:])
+    overrides = signal_overrides(tmp_path)
+    output = run_and_signal(overrides, tmp_path / "cut", signal_number)
     interrupted = tmp_path / "cut" / "checkpoints" / "interrupted.ckpt"
     assert "Resume with the same overrides plus ckpt_path=" in "".join(output)
     cut_at = torch.load(interrupted, weights_only=False)["global_step"]
-    assert 1 <= cut_at < steps  # stopped after a finished step, before the end
+    assert 1 <= cut_at < STEPS  # stopped after a finished step, before the end
 
     straight = train(compose_train(overrides, tmp_path / "straight"))
     resumed = train(compose_train([*overrides, f"ckpt_path={interrupted}"], tmp_path / "resumed"))
-    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == steps
-    weights = [
-        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-        for run in ("straight", "resumed")
-    ]
-    for key, value in weights[0].items():
-        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == STEPS
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_slurms_requeue_signal_saves_at_a_step_boundary_and_the_requeued_job_resumes_exactly(tmp_path):
+    """Under SLURM (its variables set; no `scontrol` here, so the requeue itself only logs a failure),
+    Lightning's requeue signal is deferred to the end of the step; running the same command again, as the
+    requeued job does, resumes from Lightning's hpc checkpoint to the same weights as a straight run."""
+    from opsd_lightning.train import train
+
+    from .test_configs import compose_train
+
+    slurm = {
+        "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "opsd", "SLURM_NODELIST": "localhost",
+    }  # fmt: skip
+    overrides = signal_overrides(tmp_path)
+    output = run_and_signal(overrides, tmp_path / "job", signal.SIGUSR1, **slurm)
+    (hpc,) = (tmp_path / "job").glob("hpc_ckpt_*.ckpt")
+    assert 1 <= torch.load(hpc, weights_only=False)["global_step"] < STEPS
+    assert "requeue" in "".join(output).lower()
+    requeued = run_and_signal(overrides, tmp_path / "job", None, **slurm)  # the same command again
+    # It resumed (a fresh start would end with the same weights too):
+    assert f"Restoring states from the checkpoint path at {hpc}" in "".join(requeued)
+
+    train(compose_train(overrides, tmp_path / "straight"))
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "job")
 
 
 class RecordRollouts(Callback):

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,25 @@ class GracefulStop(L.Callback):
     def __init__(self) -> None:
         self._signal: int | None = None
         self._previous_sigint = None
+        self._requeue_signal: int | None = None
+        self._requeue_handler = None  # Lightning's SLURM requeue handler, called at the step boundary
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._signal = None
-        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+            return
+        self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            # Lightning saves and requeues the moment its signal arrives, possibly mid-step; defer its
+            # handler to the end of the step so the checkpoint resumes exactly.
+            self._requeue_signal = environment.requeue_signal or signal.SIGUSR1
+            self._requeue_handler = signal.signal(self._requeue_signal, self._on_requeue)
         log.info("SIGTERM or Ctrl-C saves a checkpoint after the current optimizer step and stops the run")
+
+    def _on_requeue(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
+        log.warning("SLURM requeue signal: saving and requeueing after the current optimizer step")
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._signal is not None:  # a second Ctrl-C: the usual KeyboardInterrupt
@@ -87,10 +101,16 @@ class GracefulStop(L.Callback):
         # Any rank's signal stops every rank, at the same step (a collective decision).
         if not trainer.strategy.reduce_boolean_decision(bool(local), all=False):
             return
-        callback = trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
-        path = f"{folder}/interrupted.ckpt"
-        trainer.save_checkpoint(path)
+        if local and local == self._requeue_signal and callable(self._requeue_handler):
+            # Lightning's handler writes hpc_ckpt_<n>.ckpt in default_root_dir, which the requeued job
+            # (same command, same output folder) resumes from, and calls `scontrol requeue`.
+            path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+            self._requeue_handler(local, None)
+        else:
+            callback = trainer.checkpoint_callback
+            folder = getattr(callback, "dirpath", None) or f"{trainer.default_root_dir}/checkpoints"
+            path = f"{folder}/interrupted.ckpt"
+            trainer.save_checkpoint(path)
         raise TrainingInterrupted(local or signal.SIGTERM, path, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,6 +120,11 @@ class GracefulStop(L.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+        if self._requeue_signal is not None:
+            signal.signal(self._requeue_signal, self._requeue_handler or signal.SIG_DFL)
+            self._requeue_signal = self._requeue_handler = None
