@@ -350,7 +350,7 @@ def test_sampled_token_expectation_under_the_student_is_reverse_kl(
 ) -> None:
     """Σ_y pS(y)·value(y) = KL(S‖T) >= 0, and Σ_y pS(y)·∇value(y) = ∇KL(S‖T): the estimator is unbiased
     in value and gradient (the policy-gradient identity). Checked in float64 against ReverseKL."""
-    case.dtype = torch.float64
+    case = LogitCase(case.student_np, case.teacher_np, case.token_ids.numpy(), torch.float64)
     n, v = case.student_np.shape
     student = case.student()
     teacher = case.teacher()

@@ -188,11 +188,11 @@ def test_opsd_train_multirun_over_algorithms(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("divergence.beta=2", "beta"),
+        ("divergence.beta=2", r"divergence.beta must be in \[0, 1\]"),
         ("evaluation.ks=[8]", "evaluation.ks"),
         ("teacher.decay=1.5", "teacher.decay"),
         ("teacher.decay=0", "teacher.decay"),
-        ("divergence=topk divergence.k=0", "k must be >= 1"),
+        ("divergence=topk divergence.k=0", "divergence.k must be >= 1"),
         ("divergence=topk divergence.k=100000", r"divergence.k=100000 exceeds .* 512 tokens"),
         ("teacher=[fixed,ema]", r"teacher=\[fixed, ?ema\] selects several"),
         ("+teacher.decay=0.5 teacher=fixed", "decay"),  # an EMA option on the fixed teacher

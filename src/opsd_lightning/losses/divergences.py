@@ -27,9 +27,9 @@ __all__ = [
 def _validate_temperature_and_clip(temperature: float, clip: float | None) -> None:
     # `not x > 0` also rejects NaN.
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ValueError(f"divergence.temperature must be > 0, got {temperature}")
     if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be > 0 or None (no clipping), got {clip}")
+        raise ValueError(f"divergence.clip must be > 0 or null (no clipping), got {clip}")
 
 
 def _kl_terms(p_logp: Tensor, q_logp: Tensor) -> Tensor:
@@ -112,7 +112,9 @@ class GeneralizedJSD(_VocabularyDivergence):
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, clip: float | None = None) -> None:
         if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}")
+            raise ValueError(
+                f"divergence.beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}"
+            )
         super().__init__(temperature=temperature, clip=clip)
         self.beta = beta
 
@@ -164,7 +166,7 @@ class TopK(Divergence):
 
     def __init__(self, base: Divergence, k: int = 20) -> None:
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise ValueError(f"divergence.k must be >= 1, got {k}")
         if not base.needs_full_teacher_logits:
             raise ValueError(
                 f"TopK needs a vocabulary-wide base divergence; {type(base).__name__} (e.g. SampledToken) "
