@@ -57,7 +57,7 @@ def _check_one_choice_per_group() -> None:
 
 
 def _check_algorithm(algorithm: DictConfig) -> None:
-    settings: dict[str, Any] = OmegaConf.to_container(algorithm, resolve=False)  # type: ignore[assignment]
+    settings: dict[str, Any] = OmegaConf.to_container(algorithm, resolve=True)  # type: ignore[assignment]
     for name in ("sampling", "rationale_sampling"):
         if isinstance(settings.get(name), Mapping):
             try:
