@@ -4,6 +4,7 @@ both ranks, and the weights after a step equal a single process's on the concate
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -138,3 +139,49 @@ def test_opsd_trains_wrapper_passes_the_trainer_to_the_training_data_for_its_sha
     data.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1})
     sampler = data.train_dataloader().sampler
     assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, 1, 4)
+
+
+class SignalOnRankOne(L.Callback):
+    """Acts as if rank 1 alone received SIGTERM during its second batch (what GracefulStop's handler
+    records), to check that the stop is a collective decision."""
+
+    def __init__(self, stop) -> None:
+        self.stop = stop
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and batch_idx == 1:
+            self.stop._signal = signal.SIGTERM
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from opsd_lightning.callbacks import GracefulStop
+    from opsd_lightning.data import ArithDataModule
+
+    loaded = build_tiny(
+        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
+    )
+    module = OPSDModule(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        contexts=ContextRenderer(loaded.tokenizer),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        divergence=ForwardKL(),
+        teacher=FixedTeacher(),
+        sampling={"temperature": 1.0, "max_new_tokens": 6},
+    )
+    stop = GracefulStop()
+    trainer = quiet_trainer(
+        tmp_path,
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=6,
+        enable_checkpointing=True,
+        callbacks=[stop, SignalOnRankOne(stop), ModelCheckpoint(dirpath=tmp_path / "checkpoints")],
+    )
+    # Rank 0 never saw a signal; without the all-reduce it would train on while rank 1 waits: a hang.
+    with pytest.raises(Exception, match="SIGTERM at optimizer step 2"):
+        trainer.fit(module, datamodule=ArithDataModule(train_size=16, val_size=4, batch_size=2, seed=0))
+    saved = torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)
+    assert saved["global_step"] == 2
