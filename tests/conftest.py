@@ -40,12 +40,41 @@ def tiny():
     return build_tiny(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
 
 
-@pytest.fixture()
-def fresh_tiny():
-    """A new tiny model per test, for tests that train."""
+def build_small_tiny():
+    """The tests' tiny random Qwen3 (hidden 32, 2 layers) with the locally built tokenizer, seed 0."""
     from opsd_lightning.models import build_tiny
 
     return build_tiny(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
+
+
+@pytest.fixture()
+def fresh_tiny():
+    """A new tiny model per test, for tests that train."""
+    return build_small_tiny()
+
+
+def opsd_module(loaded, **overrides):
+    """An `OPSDModule` on `loaded` (model + tokenizer) with the tests' defaults: forward KL, the fixed
+    teacher, SGD, 6 sampled tokens per rollout; any argument can be overridden."""
+    import functools
+
+    from opsd_lightning.algorithms import OPSDModule
+    from opsd_lightning.contexts import ContextRenderer
+    from opsd_lightning.losses import ForwardKL
+    from opsd_lightning.teachers import FixedTeacher
+
+    settings = {
+        "optimizer": functools.partial(torch.optim.SGD, lr=0.1),
+        "divergence": ForwardKL(),
+        "teacher": FixedTeacher(),
+        "sampling": {"temperature": 1.0, "max_new_tokens": 6},
+    }
+    return OPSDModule(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        contexts=ContextRenderer(loaded.tokenizer),
+        **{**settings, **overrides},
+    )
 
 
 def quiet_trainer(root, **overrides):

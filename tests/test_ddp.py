@@ -12,15 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from opsd_lightning.algorithms import OPSDModule
-from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data.arith import generate_examples
 from opsd_lightning.data.datamodule import collate_raw_text
-from opsd_lightning.losses import ForwardKL
-from opsd_lightning.models import build_tiny
-from opsd_lightning.teachers import FixedTeacher
 
-from .conftest import quiet_trainer
+from .conftest import build_small_tiny, opsd_module, quiet_trainer
 
 ROWS = generate_examples(4, seed=0, num_steps=(2, 3), max_start=12, max_change=6)
 
@@ -49,16 +44,9 @@ class RecordRank(L.Callback):
 
 
 def train_one_step(folder: Path, devices: int) -> None:
-    loaded = build_tiny(
-        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
-    )
-    module = OPSDModule(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        contexts=ContextRenderer(loaded.tokenizer),
+    module = opsd_module(
+        build_small_tiny(),
         optimizer=functools.partial(torch.optim.SGD, lr=1.0),
-        divergence=ForwardKL(),
-        teacher=FixedTeacher(),
         # Greedy rollouts depend on the prompt only, so both setups generate the same completions even
         # though rollout seeds differ by rank. Lengths differ between problems: the token mean must count.
         sampling={"temperature": 0.0, "max_new_tokens": 12},
@@ -95,9 +83,7 @@ def test_ddp_token_mean_matches_one_process_on_the_concatenated_batch(tmp_path):
     for name, value in single["state"].items():
         torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0]["state"][name], value, rtol=1e-5, atol=1e-6)
-    initial = build_tiny(
-        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
-    )
+    initial = build_small_tiny()
     for name, value in initial.model.state_dict().items():
         moved += not torch.equal(value, single["state"][name])
     assert moved > 0, "the step must change the weights, or the comparison proves nothing"
@@ -159,18 +145,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     from opsd_lightning.callbacks import GracefulStop
     from opsd_lightning.data import ArithDataModule
 
-    loaded = build_tiny(
-        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
-    )
-    module = OPSDModule(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        contexts=ContextRenderer(loaded.tokenizer),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-        divergence=ForwardKL(),
-        teacher=FixedTeacher(),
-        sampling={"temperature": 1.0, "max_new_tokens": 6},
-    )
+    module = opsd_module(build_small_tiny())
     stop = GracefulStop()
     trainer = quiet_trainer(
         tmp_path,

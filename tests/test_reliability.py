@@ -3,7 +3,6 @@ counted, too many in a row save a checkpoint and stop with a clear error; the sa
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import subprocess
@@ -14,25 +13,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from opsd_lightning.algorithms import OPSDModule
-from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data import ArithDataModule
-from opsd_lightning.losses import ForwardKL
-from opsd_lightning.teachers import FixedTeacher
 
-from .conftest import quiet_trainer
-
-
-def make_module(tiny, **kwargs) -> OPSDModule:
-    return OPSDModule(
-        model=tiny.model,
-        tokenizer=tiny.tokenizer,
-        contexts=ContextRenderer(tiny.tokenizer),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-        divergence=ForwardKL(),
-        teacher=FixedTeacher(),
-        sampling={"temperature": 1.0, "max_new_tokens": 6},
-        **kwargs,
-    )
+from .conftest import opsd_module, quiet_trainer
 
 
 def poison_gradients(model: torch.nn.Module, calls: set[int]) -> list[int]:
@@ -56,7 +39,7 @@ def fit(module: OPSDModule, root, steps: int, **trainer_kwargs) -> None:
 
 def test_a_nonfinite_gradient_skips_the_step_and_counts_it(fresh_tiny, tmp_path):
     calls = poison_gradients(fresh_tiny.model, calls={0})
-    module = make_module(fresh_tiny)
+    module = opsd_module(fresh_tiny)
     trainer = fit(module, tmp_path, steps=2)
     assert trainer.global_step == 2 and len(calls) == 3  # 3 batches: one skipped, two steps taken
     assert module.nonfinite_steps == 1
@@ -65,7 +48,7 @@ def test_a_nonfinite_gradient_skips_the_step_and_counts_it(fresh_tiny, tmp_path)
 
 
 def test_a_nonfinite_loss_skips_the_step(fresh_tiny, tmp_path):
-    module = make_module(fresh_tiny)
+    module = opsd_module(fresh_tiny)
     before = {k: v.clone() for k, v in fresh_tiny.model.state_dict().items()}
     original = module.micro_batch_loss
 
@@ -83,7 +66,7 @@ def test_a_nonfinite_loss_skips_the_step(fresh_tiny, tmp_path):
 
 def test_too_many_nonfinite_steps_in_a_row_save_a_checkpoint_and_stop(fresh_tiny, tmp_path):
     poison_gradients(fresh_tiny.model, calls={1, 2, 3, 4, 5})  # step 1 is good, then only faults
-    module = make_module(fresh_tiny, max_nonfinite_steps_in_a_row=3)
+    module = opsd_module(fresh_tiny, max_nonfinite_steps_in_a_row=3)
     checkpoints = tmp_path / "checkpoints"
     callback = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=100)
     message = r"3 optimizer steps in a row.*max_nonfinite_steps_in_a_row=3"

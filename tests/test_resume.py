@@ -8,15 +8,11 @@ import functools
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from opsd_lightning.algorithms import OPSDModule
-from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data import ArithDataModule
 from opsd_lightning.data.datamodule import ResumableRandomSampler
-from opsd_lightning.losses import ForwardKL
-from opsd_lightning.models import build_tiny
 from opsd_lightning.teachers import EMATeacher
 
-from .conftest import quiet_trainer
+from .conftest import build_small_tiny, opsd_module, quiet_trainer
 
 
 class RecordProblems(Callback):
@@ -34,18 +30,11 @@ def run(
     steps: int, root, ckpt_path=None, save_every: int | None = None, devices: int = 1
 ) -> dict[str, torch.Tensor]:
     torch.manual_seed(1234)  # the global stream differs between the two processes being compared
-    loaded = build_tiny(
-        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
-    )
-    module = OPSDModule(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        contexts=ContextRenderer(loaded.tokenizer),
+    module = opsd_module(
+        build_small_tiny(),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
         scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
-        divergence=ForwardKL(),
         teacher=EMATeacher(decay=0.5),
-        sampling={"temperature": 1.0, "max_new_tokens": 6},
         accumulate_grad_batches=2,
     )
     root.mkdir(parents=True, exist_ok=True)

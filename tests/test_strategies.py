@@ -3,20 +3,13 @@ accelerator"), so these are `gpu` tests, skipped on CPU machines."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from opsd_lightning.algorithms import OPSDModule
-from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data import ArithDataModule
-from opsd_lightning.losses import ForwardKL
-from opsd_lightning.models import build_tiny
-from opsd_lightning.teachers import FixedTeacher
 
-from .conftest import quiet_trainer
+from .conftest import build_small_tiny, opsd_module, quiet_trainer
 
 
 @pytest.mark.gpu
@@ -27,18 +20,7 @@ def test_fsdp_generates_rollouts_and_trains_with_decoder_layers_wrapped(tmp_path
     (One device: more would make Lightning relaunch pytest itself in a process per device.)"""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
-    loaded = build_tiny(
-        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0
-    )
-    module = OPSDModule(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        contexts=ContextRenderer(loaded.tokenizer),
-        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
-        divergence=ForwardKL(),
-        teacher=FixedTeacher(),
-        sampling={"temperature": 1.0, "max_new_tokens": 8},
-    )
+    module = opsd_module(build_small_tiny(), sampling={"temperature": 1.0, "max_new_tokens": 8})
     trainer = quiet_trainer(
         tmp_path,
         accelerator="gpu",
