@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from opsd_lightning.data import ArithDataModule
 from opsd_lightning.data.arith import generate_examples
 
@@ -55,3 +57,52 @@ def test_task_seed_fixes_the_problems_while_seed_moves_the_training_order():
     order_a = next(iter(a.train_dataloader()))["problem"]
     order_b = next(iter(b.train_dataloader()))["problem"]
     assert sorted(order_a) == sorted(order_b) and order_a != order_b
+
+
+def test_the_arith_benchmark_is_the_held_out_split_when_task_seed_differs_from_seed():
+    from opsd_lightning.evaluation import ArithBenchmark
+
+    data = ArithDataModule(train_size=16, val_size=12, seed=0, task_seed=3)
+    data.setup("fit")
+    rows = ArithBenchmark(num_problems=12, seed=0, task_seed=3).load()
+    assert [{k: v for k, v in row.items() if k != "id"} for row in rows] == data.val_rows
+    assert rows != ArithBenchmark(num_problems=12, seed=0).load()  # the task seed, not the seed, decides
+
+
+@pytest.mark.parametrize("app", ["train", "eval"])
+def test_composed_benchmark_arith_yields_the_datamodules_validation_problems(app, tmp_path):
+    """Through Hydra, as `opsd-train`/`opsd-eval data.task_seed=3 seed=0 benchmark=arith` builds them."""
+    from hydra.utils import instantiate
+
+    from .test_configs import compose_train
+    from .test_evaluation import compose_eval
+
+    compose = compose_train if app == "train" else compose_eval
+    cfg = compose(["benchmark=arith", "data.task_seed=3", "seed=0", "data.val_size=12"], tmp_path)
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    problems = [row["problem"] for row in instantiate(cfg.benchmark.arith).load(data)]
+    assert problems == [row["problem"] for row in data.val_rows] and len(problems) == 12
+
+
+def test_the_task_knobs_are_stated_once_and_match_the_python_defaults(tmp_path):
+    from omegaconf import OmegaConf
+
+    from opsd_lightning._paths import config_dir
+    from opsd_lightning.data import arith
+
+    from .test_configs import compose_train
+
+    stated = OmegaConf.load(config_dir() / "data" / "shared" / "arith_task.yaml")
+    assert dict(stated) == {
+        "num_steps": list(arith.NUM_STEPS),
+        "max_start": arith.MAX_START,
+        "max_change": arith.MAX_CHANGE,
+    }
+    cfg = compose_train(["benchmark=[heldout,arith]"], tmp_path)
+    for node in (cfg.data, cfg.warmup, cfg.benchmark.arith):
+        assert {key: node[key] for key in stated} == dict(stated)
+    assert cfg.data.val_size == cfg.benchmark.arith.num_problems == arith.HELDOUT_SIZE
+    # An override of the data's task reaches the benchmark that is its held-out split.
+    cfg = compose_train(["benchmark=arith", "data.max_start=20", "data.val_size=50"], tmp_path)
+    assert (cfg.benchmark.arith.max_start, cfg.benchmark.arith.num_problems) == (20, 50)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from opsd_lightning.losses.chunked import chunked_divergence_sum, naive_divergence_sum
+from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum, naive_divergence_sum
 from opsd_lightning.losses.divergences import (
     Divergence,
     ForwardKL,
@@ -257,12 +257,51 @@ def test_a_separate_teacher_head_scores_the_teacher_and_gets_no_gradient(name):
 
 
 def test_loss_settings_validate_their_options():
-    from opsd_lightning.losses.chunked import LossSettings
-
-    with pytest.raises(ValueError, match="algorithm.loss.backend='fast'"):
+    with pytest.raises(ValueError, match="algorithm.loss.backend='fast': use 'chunked' or 'full_logits'"):
         LossSettings(backend="fast")
     with pytest.raises(ValueError, match="algorithm.loss.chunk_size=0"):
         LossSettings(chunk_size=0)
+
+
+def test_full_logits_is_the_backend_once_called_naive():
+    assert LossSettings(backend="full_logits").backend == "full_logits"
+    with pytest.warns(FutureWarning, match=r"algorithm.loss.backend='naive' is deprecated.*'full_logits'"):
+        alias = LossSettings(backend="naive", chunk_size=7)
+    assert alias == LossSettings(backend="full_logits", chunk_size=7)
+
+
+AUTOCAST_CASES = ["forward_kl", "jsd_0.5_clip", "topk5_forward_kl", "sampled_token"]
+
+
+def _autocast_agrees(device: str, dtype: torch.dtype, name: str, recompute: bool) -> None:
+    """The loss and its grads are the same numbers with and without an outer `dtype` autocast."""
+    student, teacher, weight, token_ids = (t.to(device) for t in _inputs(13))
+    student, weight = student.detach().requires_grad_(), weight.detach().requires_grad_()
+    inputs = (student, teacher, weight, token_ids, DIVERGENCES[name]())
+    expected = _value_and_grads(chunked_divergence_sum, *inputs, chunk_size=CHUNK, recompute=recompute)
+    # Backward runs inside the autocast too, as in Lightning's training_step.
+    with torch.autocast(device, dtype=dtype):
+        got = _value_and_grads(chunked_divergence_sum, *inputs, chunk_size=CHUNK, recompute=recompute)
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, expected, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["grad_in_forward", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", AUTOCAST_CASES)
+def test_an_outer_cpu_autocast_changes_nothing(name: str, dtype: torch.dtype, recompute: bool) -> None:
+    """Lightning's `bf16-mixed` runs the loss under CPU autocast; it once crashed the chunked backward."""
+    _autocast_agrees("cpu", dtype, name, recompute)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("recompute", [False, True], ids=["grad_in_forward", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", AUTOCAST_CASES)
+def test_an_outer_cuda_autocast_changes_nothing(name: str, dtype: torch.dtype, recompute: bool) -> None:
+    _autocast_agrees("cuda", dtype, name, recompute)
 
 
 @pytest.mark.gpu

@@ -91,7 +91,7 @@ def test_every_group_option_composes_and_binds(group, option, tmp_path):
         overrides += ["model.name_or_path=some/model"]
     if group == "experiment" and "qwen3" in option:
         overrides += ["data.path=train.jsonl"]  # the recipes leave the training data to the user (???)
-    if option == "qwen3_recipe":  # what the recipes share; each names its model
+    if option in ("qwen3_recipe", "opsd_qwen3"):  # what the recipes share; each names its model
         overrides += ["model.name_or_path=some/model"]
     cfg = compose_train(overrides, tmp_path)
     check_binds(cfg, "cfg")

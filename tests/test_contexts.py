@@ -1,19 +1,19 @@
-"""Prompt rendering, left padding, positions and the completion-logit alignment, on hand-built batches."""
+"""Prompt rendering, the prompt budget, left padding, positions and the completion-logit alignment."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from opsd_lightning.contexts import (
-    ContextRenderer,
-    build_scoring_batch,
-    fill_template,
-    left_pad,
-    position_ids_from_mask,
-)
+from opsd_lightning._paths import config_dir
+from opsd_lightning.batches import build_scoring_batch, left_pad, position_ids_from_mask
+from opsd_lightning.contexts import ContextRenderer, fill_template
 from opsd_lightning.models import QWEN3_STYLE_CHAT_TEMPLATE
+from opsd_lightning.prompt_budget import PromptBudget, fit_rows
 
 from .conftest import shared_path
 
@@ -47,7 +47,7 @@ def test_scoring_batch_places_completions_right_after_each_prompt():
 
 def test_completion_logits_match_unpadded_single_example_forward(tiny):
     """Left padding + positions give each example the logits it would get alone (no padding at all)."""
-    from opsd_lightning.algorithms.base import completion_logits
+    from opsd_lightning.scoring import completion_logits
 
     model = tiny.model.eval()
     prompts = [[1, 40, 41, 42, 43, 44], [1, 50]]
@@ -157,7 +157,7 @@ def test_overlong_rows_truncate_the_reference_or_are_dropped_and_counted(tiny):
     assert len(short.student_ids(rows[2]["problem"])) > limit
 
     renderer = ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit)
-    kept, counts = renderer.fit_rows(rows)
+    kept, counts = fit_rows(renderer, rows)
     assert counts == {"dropped": 1, "truncated": 1}
     assert kept[0] == rows[0]
     cut = kept[1]["solution"]
@@ -168,28 +168,95 @@ def test_overlong_rows_truncate_the_reference_or_are_dropped_and_counted(tiny):
     longer = tiny.tokenizer.decode(longer[: len(tiny.tokenizer.encode(cut, add_special_tokens=False)) + 1])
     assert len(short.teacher_ids(rows[1]["problem"], longer)) > limit
 
-    dropped, counts = ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="drop").fit_rows(rows)
+    dropping = ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="drop")
+    dropped, counts = fit_rows(dropping, rows)
     assert dropped == rows[:1] and counts == {"dropped": 2, "truncated": 0}
     with pytest.raises(ValueError, match=r"training row 1 .*context.max_prompt_tokens=\d+"):
-        ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="raise").fit_rows(rows)
+        fit_rows(ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="raise"), rows)
     with pytest.raises(ValueError, match="context.overlong='cut'"):
         ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit, overlong="cut")
-    assert ContextRenderer(tiny.tokenizer).fit_rows(rows) == (rows, {"dropped": 0, "truncated": 0})
+    assert fit_rows(ContextRenderer(tiny.tokenizer), rows) == (rows, {"dropped": 0, "truncated": 0})
+    with pytest.raises(ValueError, match=r"a rendered prompt has \d+ tokens, over context.max_prompt_tokens"):
+        renderer.student_ids(rows[2]["problem"])  # a prompt that was not fitted still raises when rendered
 
 
-def test_opsd_train_fits_the_datamodules_training_rows_once_before_training(tiny, caplog):
+THINKING_FLAGS = list(itertools.product((True, False), repeat=2))
+
+
+def assert_budget_measures_prompts_as_rendered(tokenizer, student_thinking: bool, teacher_thinking: bool):
+    """A row whose rendered student prompt is exactly at the limit is kept, one token over is dropped, and
+    the lengths the budget reports are the rendered ones, whatever the thinking flags."""
+    settings = {
+        "student_enable_thinking": student_thinking,
+        "teacher_enable_thinking": teacher_thinking,
+        "teacher_template": "{solution}",  # a short teacher prompt: the limit binds on the student's
+    }
+    row = {"problem": "What is 1 + 1? " * 4, "solution": "2.", "answer": "2"}
+    plain = ContextRenderer(tokenizer, **settings)
+    student = len(plain.student_ids(row["problem"]))
+    teacher = len(plain.teacher_ids(row["problem"], row["solution"]))
+    assert student > teacher
+
+    at_limit = ContextRenderer(tokenizer, max_prompt_tokens=student, **settings)
+    assert fit_rows(at_limit, [row]) == ([row], {"dropped": 0, "truncated": 0})
+    over = ContextRenderer(tokenizer, max_prompt_tokens=student - 1, **settings)
+    assert fit_rows(over, [row]) == ([], {"dropped": 1, "truncated": 0})
+    strict = ContextRenderer(tokenizer, max_prompt_tokens=student - 1, overlong="raise", **settings)
+    with pytest.raises(ValueError, match=f"a {student}-token student prompt and a {teacher}-token teacher"):
+        fit_rows(strict, [row])
+
+
+@pytest.mark.parametrize(("student_thinking", "teacher_thinking"), THINKING_FLAGS)
+def test_prompt_budget_measures_with_the_renderers_thinking_flags(tiny, student_thinking, teacher_thinking):
+    assert_budget_measures_prompts_as_rendered(tiny.tokenizer, student_thinking, teacher_thinking)
+
+
+@pytest.mark.parametrize(("student_thinking", "teacher_thinking"), THINKING_FLAGS)
+def test_prompt_budget_measures_real_qwen3_prompts_as_rendered(student_thinking, teacher_thinking):
+    qwen = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
+    assert_budget_measures_prompts_as_rendered(qwen, student_thinking, teacher_thinking)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"overlong": "cut"}, "context.overlong='cut': use one of"),
+        ({"max_prompt_tokens": 0}, r"context.max_prompt_tokens=0 must be an integer >= 1 \(or null\)"),
+        ({"max_prompt_tokens": 1.5}, "context.max_prompt_tokens=1.5 must be an integer"),
+        ({"max_prompt_tokens": True}, "context.max_prompt_tokens=True must be an integer"),
+    ],
+)
+def test_prompt_budget_checks_its_range_on_construction(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PromptBudget(**settings)
+
+
+def test_a_bare_renderer_renders_the_configured_default_context(tiny):
+    """The default prompts are stated in conf/context/default.yaml only; the renderer reads them there."""
+    with initialize_config_dir(str(config_dir()), version_base=None):
+        settings = compose("train").context
+    configured, bare = ContextRenderer(tiny.tokenizer, **settings), ContextRenderer(tiny.tokenizer)
+    names = ("student_template", "teacher_template", "rationale_template", "rationale_followup")
+    names += ("system_prompt", "student_enable_thinking", "teacher_enable_thinking", "budget")
+    assert {n: getattr(bare, n) for n in names} == {n: getattr(configured, n) for n in names}
+    # The teacher's transition instruction ends with the reason-first follow-up turn (one sentence, once).
+    assert bare.teacher_template.endswith("behind each step. " + bare.rationale_followup)
+
+
+def test_a_connected_datamodule_fits_its_training_rows_once(tiny, caplog):
     from opsd_lightning.data import ArithDataModule
-    from opsd_lightning.train import fit_training_rows
 
     data = ArithDataModule(train_size=32, val_size=4, batch_size=2, seed=0)
     data.setup("fit")
     plain = ContextRenderer(tiny.tokenizer)
     lengths = sorted(len(plain.teacher_ids(r["problem"], r["solution"])) for r in data.train_rows)
     limit = lengths[len(lengths) // 2]  # half of the rows are over it
+    data.connect(ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit))
     with caplog.at_level("WARNING"):
-        counts = fit_training_rows(data, ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit))
+        data.setup("fit")
+        data.setup("validate")  # Lightning calls setup per stage; the rows are fitted once
     over = sum(length > limit for length in lengths)
-    assert over > 0 and counts == {"dropped": 0, "truncated": over}
+    assert over > 0 and data.overlong_counts == {"dropped": 0, "truncated": over}
     assert len(data.train_rows) == 32
     assert all(len(plain.teacher_ids(r["problem"], r["solution"])) <= limit for r in data.train_rows)
-    assert f"{over} with a truncated reference solution" in caplog.text
+    assert caplog.text.count(f"{over} with a truncated reference solution") == 1

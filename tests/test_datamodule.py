@@ -415,3 +415,51 @@ def test_hydra_config_loads_the_benchmark_train_sample():
     batch = next(iter(module.train_dataloader()))
     assert set(batch) == set(FIELDS)
     assert len(batch["problem"]) == 8
+
+
+def test_setup_fits_the_training_rows_to_a_connected_renderers_budget_once(tiny, caplog):
+    from opsd_lightning.contexts import ContextRenderer
+    from opsd_lightning.data import ArithDataModule
+
+    data = ArithDataModule(train_size=32, val_size=4, batch_size=2, seed=0)
+    data.setup("fit")  # as opsd-train does before the model (and so the renderer) exists
+    plain = ContextRenderer(tiny.tokenizer)
+    lengths = sorted(len(plain.teacher_ids(r["problem"], r["solution"])) for r in data.train_rows)
+    limit = lengths[len(lengths) // 2]  # half of the rows are over it
+    data.connect(ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit))
+    with caplog.at_level("WARNING"):
+        data.setup("fit")
+        fitted = list(data.train_rows)
+        data.setup("validate")  # Lightning sets up again for every stage: fitted once
+    over = sum(length > limit for length in lengths)
+    assert over > 0 and data.overlong_counts == {"dropped": 0, "truncated": over}
+    assert data.train_rows == fitted and len(fitted) == 32
+    assert all(len(plain.teacher_ids(r["problem"], r["solution"])) <= limit for r in fitted)
+    assert caplog.text.count(f"{over} with a truncated reference solution") == 1
+
+    unlimited = ArithDataModule(train_size=8, val_size=2)
+    unlimited.connect(plain)
+    unlimited.setup("fit")
+    assert unlimited.overlong_counts is None and len(unlimited.train_rows) == 8
+
+    too_small = ArithDataModule(train_size=8, val_size=2)
+    too_small.connect(ContextRenderer(tiny.tokenizer, max_prompt_tokens=5, overlong="drop"))
+    with pytest.raises(ValueError, match="all 8 training rows are over context.max_prompt_tokens=5"):
+        too_small.setup("fit")
+
+
+def test_benchmark_and_datamodule_share_the_column_rules():
+    from opsd_lightning.data.datamodule import resolve_columns
+
+    columns = {"problem": "question", "solution": "solution", "answer": "answer"}
+    available = ["problem", "answer"]
+    kept = resolve_columns(
+        columns, available, "x.jsonl", "o", optional=("solution",), canonical_fallback=True
+    )
+    assert kept == {"problem": "problem", "solution": None, "answer": "answer"}
+    with pytest.raises(
+        ValueError, match=r"x.jsonl has no column 'question' for field 'problem'.*Set o.problem="
+    ):
+        resolve_columns(columns, available, "x.jsonl", "o", optional=("solution",))
+    with pytest.raises(ValueError, match="'sol'"):  # optional only under its own name
+        resolve_columns({"solution": "sol"}, available, "x.jsonl", "o", optional=("solution",))

@@ -54,13 +54,51 @@ def test_benchmarks_compose_as_a_list(tmp_path):
     assert cfg.benchmark.aime24.hub_id == "HuggingFaceH4/aime_2024"
 
 
-def test_a_missing_benchmark_column_names_the_file_and_columns(tmp_path):
-    from opsd_lightning.evaluation import Benchmark
+def test_a_missing_benchmark_column_names_the_file_columns_and_option(tmp_path):
+    from opsd_lightning.evaluation import DatasetBenchmark
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl has no column 'problem'.*available columns"):
-        Benchmark(name="mine", path=str(bad)).load()
+    with pytest.raises(
+        ValueError,
+        match=r"bad.jsonl has no column 'problem'.*available columns.*benchmark.mine.columns.problem",
+    ):
+        DatasetBenchmark(name="mine", path=str(bad)).load()
+
+
+def test_a_local_copy_in_the_canonical_layout_loads_with_the_hub_configs_columns(tmp_path):
+    """amc23's hub copy names the problem `question`; a local copy may use `problem`. math500's optional
+    `solution` may be missing."""
+    local = tmp_path / "local.jsonl"
+    local.write_text(
+        "".join(json.dumps({"problem": f"p{i}", "answer": str(i), "id": f"x{i}"}) + "\n" for i in range(3))
+    )
+    for name in ("amc23", "math500"):
+        cfg = compose_train([f"benchmark={name}", f"benchmark.{name}.path={local}"], tmp_path)
+        rows = instantiate(cfg.benchmark[name]).load()
+        assert [row["problem"] for row in rows] == ["p0", "p1", "p2"] and "solution" not in rows[0]
+    assert [row["id"] for row in rows] == ["x0", "x1", "x2"]  # `id` stands in for math500's `unique_id`
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(config_dir()) / "benchmark").glob("*.yaml")))
+def test_every_benchmark_is_a_benchmark(name, tmp_path):
+    """One protocol: `load(datamodule)` for the hub, the synthetic task and the held-out split alike."""
+    from opsd_lightning.evaluation import Benchmark
+
+    cfg = compose_train([f"benchmark={name}"], tmp_path)
+    assert isinstance(instantiate(cfg.benchmark[name]), Benchmark)
+
+
+def test_the_held_out_split_needs_the_datamodule():
+    from opsd_lightning.data import ArithDataModule
+    from opsd_lightning.evaluation import HeldOutSplit
+
+    data = ArithDataModule(train_size=8, val_size=5)
+    data.setup("fit")
+    rows = HeldOutSplit(limit=3).load(data)
+    assert len(rows) == 3 and {row["problem"] for row in rows} <= {row["problem"] for row in data.val_rows}
+    with pytest.raises(ValueError, match="validation split"):
+        HeldOutSplit().load()
 
 
 class _FakeModel(torch.nn.Module):

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from opsd_lightning.evaluation.metrics import BenchmarkMetrics, majority_vote, pass_at_k
+from opsd_lightning.evaluation.runner import ProblemResult
 
 
 def _float_equal(first: str, second: str) -> bool:
@@ -159,23 +160,33 @@ def _hand_metric(**kwargs) -> BenchmarkMetrics:
     return BenchmarkMetrics(ks=HAND_KS, **kwargs)
 
 
+def scored(correct, answers, lengths, truncated) -> list[ProblemResult]:
+    """`ProblemResult`s (what `update` takes) from per-problem columns."""
+    return [
+        ProblemResult(
+            str(index), "p", "r", [""] * len(flags), list(said), list(flags), list(sizes), list(cut)
+        )
+        for index, (flags, said, sizes, cut) in enumerate(
+            zip(correct, answers, lengths, truncated, strict=True)
+        )
+    ]
+
+
+HAND = scored(HAND_CORRECT, HAND_ANSWERS, HAND_LENGTHS, HAND_TRUNCATED)
+
+
 def test_benchmark_metrics_hand_table():
     metric = _hand_metric()
-    metric.update(HAND_CORRECT, HAND_ANSWERS, HAND_LENGTHS, HAND_TRUNCATED)
+    metric.update(HAND)
     _assert_values(metric.compute(), HAND_EXPECTED)
 
 
 def test_benchmark_metrics_several_updates_equal_one():
     metric = _hand_metric()
     for start, stop in [(0, 1), (1, 1), (1, 3)]:
-        metric.update(
-            HAND_CORRECT[start:stop],
-            HAND_ANSWERS[start:stop],
-            HAND_LENGTHS[start:stop],
-            HAND_TRUNCATED[start:stop],
-        )
+        metric.update(HAND[start:stop])
     single = _hand_metric()
-    single.update(HAND_CORRECT, HAND_ANSWERS, HAND_LENGTHS, HAND_TRUNCATED)
+    single.update(HAND)
     split_values, single_values = metric.compute(), single.compute()
     for name in single_values:
         assert torch.equal(split_values[name], single_values[name]) or (
@@ -185,10 +196,10 @@ def test_benchmark_metrics_several_updates_equal_one():
 
 def test_benchmark_metrics_reset_forgets_earlier_updates():
     metric = _hand_metric()
-    metric.update([[False] * 4] * 5, [[None] * 4] * 5, [[99] * 4] * 5, [[True] * 4] * 5)
+    metric.update(scored([[False] * 4] * 5, [[None] * 4] * 5, [[99] * 4] * 5, [[True] * 4] * 5))
     metric.compute()
     metric.reset()
-    metric.update(HAND_CORRECT, HAND_ANSWERS, HAND_LENGTHS, HAND_TRUNCATED)
+    metric.update(HAND)
     _assert_values(metric.compute(), HAND_EXPECTED)
 
 
@@ -196,10 +207,12 @@ def test_benchmark_metrics_counts_problems_per_k():
     metric = BenchmarkMetrics(ks=(1, 3))
     # Problem 1 has n = 1 (too few for k = 3), problem 2 has n = 3 with c = 1.
     metric.update(
-        correct=[[True], [False, True, False]],
-        answers=[["1"], ["2", "3", "2"]],
-        lengths=[[4], [1, 2, 3]],
-        truncated=[[False], [False, False, True]],
+        scored(
+            correct=[[True], [False, True, False]],
+            answers=[["1"], ["2", "3", "2"]],
+            lengths=[[4], [1, 2, 3]],
+            truncated=[[False], [False, False, True]],
+        )
     )
     values = metric.compute()
     torch.testing.assert_close(values["pass@1"], torch.tensor((1 + 1 / 3) / 2))
@@ -211,10 +224,10 @@ def test_benchmark_metrics_counts_problems_per_k():
 
 
 def test_benchmark_metrics_uses_the_given_equivalence():
-    args = ([[False, False, True]], [["1", "0.5", ".5"]], [[1, 1, 1]], [[False] * 3])
+    results = scored([[False, False, True]], [["1", "0.5", ".5"]], [[1, 1, 1]], [[False] * 3])
     exact, numeric = BenchmarkMetrics(ks=(3,)), BenchmarkMetrics(ks=(3,), equivalent=_float_equal)
-    exact.update(*args)
-    numeric.update(*args)
+    exact.update(results)
+    numeric.update(results)
     assert exact.compute()["maj@3"].item() == 0.0
     assert numeric.compute()["maj@3"].item() == 1.0
 
@@ -226,12 +239,12 @@ def test_benchmark_metrics_validates_inputs():
         BenchmarkMetrics(ks=())
     assert BenchmarkMetrics(ks=(2, 1, 2)).ks == [2, 1]
     metric = BenchmarkMetrics()
-    with pytest.raises(ValueError, match="problems"):
-        metric.update([[True]], [["1"]], [[1]], [])
     with pytest.raises(ValueError, match="same number"):
-        metric.update([[True, False]], [["1"]], [[1, 2]], [[False, False]])
+        metric.update(scored([[True, False]], [["1"]], [[1, 2]], [[False, False]]))
     with pytest.raises(ValueError, match="same number"):
-        metric.update([[]], [[]], [[]], [[]])
+        metric.update(scored([[True]], [["1"]], [[1]], [[]]))
+    with pytest.raises(ValueError, match="same number"):
+        metric.update(scored([[]], [[]], [[]], [[]]))
 
 
 # ------------------------------------------------------------------------------------------------- DDP
@@ -257,8 +270,7 @@ def _ddp_problems() -> list[tuple[list[bool], list[str | None], list[int], list[
 def _update_with(metric: BenchmarkMetrics, problems) -> None:
     # Two calls per rank with uneven sizes, so per-rank call counts differ too.
     for chunk in (problems[:2], problems[2:]):
-        correct, answers, lengths, truncated = (list(column) for column in zip(*chunk, strict=True))
-        metric.update(correct, answers, lengths, truncated)
+        metric.update(scored(*zip(*chunk, strict=True)))
 
 
 def _ddp_worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:

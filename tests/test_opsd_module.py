@@ -12,6 +12,7 @@ from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data import ArithDataModule
 from opsd_lightning.losses import ForwardKL, ReverseKL
+from opsd_lightning.losses.chunked import LossSettings
 from opsd_lightning.teachers import EMATeacher, FixedTeacher
 
 from .conftest import quiet_trainer
@@ -103,8 +104,8 @@ def test_lora_fit_trains_only_adapters_and_the_fixed_teacher_is_the_base(fresh_t
     assert any(p.abs().sum() > 0 for p in lora_b), "adapters should have trained"
     fresh_tiny.model.eval()
     with torch.no_grad():
-        with module.teacher.scoring_model(fresh_tiny.model) as teacher:
-            torch.testing.assert_close(teacher(input_ids=probe).logits, base_logits)
+        with module.teacher.scoring(fresh_tiny.model) as teacher:
+            torch.testing.assert_close(teacher.model(input_ids=probe).logits, base_logits)
         student_logits = fresh_tiny.model(input_ids=probe).logits
     assert not torch.allclose(student_logits, base_logits)
 
@@ -158,18 +159,18 @@ def _one_step_gradients(loaded, **kwargs) -> dict[str, torch.Tensor]:
     return grads
 
 
-def test_chunked_loss_and_micro_batches_give_the_naive_whole_batch_gradients(fresh_tiny):
-    naive = _one_step_gradients(fresh_tiny, loss={"backend": "naive"})
+def test_chunked_loss_and_micro_batches_give_the_full_logits_whole_batch_gradients(fresh_tiny):
+    full = _one_step_gradients(fresh_tiny, loss={"backend": "full_logits"})
     chunked = _one_step_gradients(fresh_tiny, loss={"backend": "chunked", "chunk_size": 7})
     sliced = _one_step_gradients(fresh_tiny, loss={"backend": "chunked", "chunk_size": 5}, micro_batch_size=3)
-    assert naive["tokens"] > 0 and len(naive) > 10
+    assert full["tokens"] > 0 and len(full) > 10
     for other in (chunked, sliced):
-        assert other.keys() == naive.keys()
+        assert other.keys() == full.keys()
         # fp32 summation order differs; the KL of two close distributions cancels to ~1e-4 per token,
         # so its absolute error (~1e-7 per token) is what the tolerance allows.
-        torch.testing.assert_close(other.pop("loss_sum"), naive["loss_sum"], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(other.pop("loss_sum"), full["loss_sum"], rtol=1e-3, atol=1e-5)
         for name, value in other.items():
-            torch.testing.assert_close(value, naive[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(value, full[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_chunked_loss_scores_with_the_ema_teachers_own_head(fresh_tiny):
@@ -186,7 +187,7 @@ def test_chunked_loss_scores_with_the_ema_teachers_own_head(fresh_tiny):
     teacher_prompt = module.contexts.teacher_batch(batch["problem"], batch["solution"])
     args = (prompt, teacher_prompt, rollout.completion_ids, rollout.completion_mask, rollout.completion_mask)
     sums = {}
-    for backend in ("naive", "chunked"):
-        module.loss.backend = backend
+    for backend in ("full_logits", "chunked"):
+        module.loss = LossSettings(backend=backend)
         sums[backend] = module.divergence_sum(*args).detach()
-    torch.testing.assert_close(sums["chunked"], sums["naive"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sums["chunked"], sums["full_logits"], rtol=1e-4, atol=1e-5)

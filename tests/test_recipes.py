@@ -34,7 +34,7 @@ def stand_in(recipe: str) -> list[str]:
         f"data.path={shared_path('benchmarks', 'train_sample.jsonl')}",
         "data.max_train_samples=16",
         "data.max_val_samples=2",
-        "algorithm.sampling.max_new_tokens=6",
+        *([] if recipe.startswith("sft") else ["algorithm.sampling.max_new_tokens=6"]),  # SFT samples nothing
         "evaluation.sampling.max_new_tokens=6",
         "evaluation.num_samples=2",
         "evaluation.ks=[1,2]",
@@ -73,6 +73,26 @@ def test_recipe_holds_the_papers_settings(recipe, tmp_path):
         assert cfg.teacher._target_.endswith("FixedTeacher") and cfg.divergence._target_.endswith("ForwardKL")
     if recipe.startswith("grpo"):
         assert cfg.algorithm.group_size == 8 and sampling.max_new_tokens == 16384
+
+
+def test_the_opsd_recipes_differ_only_in_their_model(tmp_path):
+    from omegaconf import OmegaConf
+
+    def without_model_name(recipe: str) -> dict:
+        cfg = OmegaConf.to_container(
+            compose_train([f"experiment={recipe}", "data.path=train.jsonl"], tmp_path)
+        )
+        assert cfg.pop("task_name") == recipe
+        assert cfg["model"].pop("name_or_path") == MODELS[recipe.rsplit("_", 1)[-1]]
+        return cfg
+
+    first, *others = (without_model_name(r) for r in RECIPES if r.startswith("opsd"))
+    assert all(other == first for other in others)
+    assert first["algorithm"]["micro_batch_size"] == 1 and first["algorithm"]["loss"]["backend"] == "chunked"
+
+
+def test_sft_carries_no_sampling_settings(tmp_path):
+    assert "sampling" not in compose_train(["algorithm=sft"], tmp_path).algorithm
 
 
 def test_a_recipe_without_training_data_names_the_missing_option(tmp_path):

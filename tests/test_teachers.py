@@ -20,8 +20,8 @@ def test_ema_update_follows_the_closed_form():
     teacher.after_optimizer_step(model)
     # 0.9 * old + 0.1 * new
     torch.testing.assert_close(teacher.shadow["weight"], torch.tensor([[1.2, 1.8]]))
-    with teacher.scoring_model(model) as scoring:
-        torch.testing.assert_close(scoring.weight, torch.tensor([[1.2, 1.8]]))
+    with teacher.scoring(model) as view:
+        torch.testing.assert_close(view.model.weight, torch.tensor([[1.2, 1.8]]))
     torch.testing.assert_close(model.weight, torch.tensor([[3.0, 0.0]]))  # live weights are back
 
 
@@ -38,10 +38,10 @@ def test_fixed_teacher_keeps_initial_weights_and_never_trains():
     with torch.no_grad():
         model[0].weight.add_(1.0)
     teacher.train()
-    with teacher.scoring_model(model) as scoring:
-        assert scoring is not model and not scoring.training
-        assert not torch.equal(scoring[0].weight, model[0].weight)
-        assert not any(p.requires_grad for p in scoring.parameters())
+    with teacher.scoring(model) as view:
+        assert view.model is not model and not view.model.training and not torch.is_grad_enabled()
+        assert not torch.equal(view.model[0].weight, model[0].weight)
+        assert not any(p.requires_grad for p in view.model.parameters())
 
 
 def test_fixed_teacher_with_lora_disables_adapters(fresh_tiny):
@@ -59,13 +59,45 @@ def test_fixed_teacher_with_lora_disables_adapters(fresh_tiny):
             if "lora_B" in name:
                 param.fill_(0.5)  # make the adapters matter
         student_logits = model(input_ids=base_input).logits
-        with teacher.scoring_model(model) as scoring:
-            teacher_logits = scoring(input_ids=base_input).logits
+        with teacher.scoring(model) as view:
+            teacher_logits = view.model(input_ids=base_input).logits
+            assert view.head_weight is None  # the adapters are off: the student's own output layer
     torch.testing.assert_close(teacher_logits, base_logits)
     assert not torch.allclose(student_logits, base_logits)
 
 
 def test_dynamic_teacher_is_the_model_itself():
     model = nn.Linear(2, 2)
-    with DynamicTeacher().scoring_model(model) as scoring:
-        assert scoring is model
+    model.train()
+    with DynamicTeacher().scoring(model) as view:
+        assert view.model is model and view.head_weight is None
+        assert not model.training and not torch.is_grad_enabled()  # no dropout, no graph
+    assert model.training  # the mode it had comes back
+
+
+def test_ema_view_keeps_the_teachers_output_layer_after_the_swap_back(fresh_tiny):
+    """The chunked loss forms teacher logits after the block: an EMA view must hand it the EMA head, not the
+    live one the block restores on exit."""
+    model = fresh_tiny.model
+    teacher = EMATeacher(decay=0.5)
+    teacher.attach(model)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.add_(1.0)  # the live head moves away from the EMA one
+    with teacher.scoring(model) as view:
+        ema_head = view.model.get_output_embeddings().weight.clone()
+    assert torch.equal(view.head_weight, ema_head)
+    assert not torch.equal(view.head_weight, head.weight)
+
+
+def test_fixed_view_without_lora_is_the_frozen_copy_and_its_head(fresh_tiny):
+    teacher = FixedTeacher()
+    teacher.attach(fresh_tiny.model)
+    with teacher.scoring(fresh_tiny.model) as view:
+        assert view.model is teacher.frozen
+    assert view.head_weight is teacher.frozen.get_output_embeddings().weight
+
+
+def test_fixed_teacher_must_be_attached_before_scoring():
+    with pytest.raises(RuntimeError, match="attach"), FixedTeacher().scoring(nn.Linear(2, 2)):
+        pass

@@ -23,7 +23,7 @@ TINY = [
     "data.train_size=16",
     "data.val_size=4",
     "data.batch_size=2",
-    "algorithm.sampling.max_new_tokens=8",
+    "++algorithm.sampling.max_new_tokens=8",  # ++: SFT has no sampling of its own (it ignores one)
     "evaluation.sampling.max_new_tokens=8",
     "evaluation.num_samples=2",
     "evaluation.ks=[1,2]",
@@ -41,6 +41,7 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
             f"paths.log_dir={tmp_path}",
             f"paths.cache_dir={tmp_path / 'cache'}",
             "trainer.val_check_interval=1",
+            "context.max_prompt_tokens=1000",
         ],
         tmp_path,
     )
@@ -62,6 +63,7 @@ def test_train_writes_metrics_logs_and_checkpoints(tmp_path):
     assert set(saved["base"]) == {f"val/heldout/{name}" for name in expected}
     assert set(saved["final"]) == {f"test/heldout/{name}" for name in expected}
     assert saved["benchmarks"] == {"heldout": 4}
+    assert saved["overlong_training_rows"] == {"dropped": 0, "truncated": 0}
     assert 0.0 <= saved["final"]["test/heldout/avg@2"] <= 1.0
     assert {
         "train/loss",
@@ -157,6 +159,22 @@ def test_a_user_datamodule_plugs_in_with_data_target(tmp_path, monkeypatch):
     metrics = train(compose_train(overrides, tmp_path))
     assert metrics["optimizer_steps"] == 2 and metrics["benchmarks"] == {"heldout": 64}
     assert 0.0 <= metrics["final"]["test/heldout/avg@2"] <= 1.0
+
+
+def test_a_datamodule_without_connect_is_told_it_cannot_fit_its_rows(tiny, monkeypatch, caplog):
+    from opsd_lightning.contexts import ContextRenderer
+    from opsd_lightning.train import connect_renderer
+
+    from .conftest import REPO_ROOT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments" / "custom_datamodule"))
+    from my_datamodule import CountdownDataModule
+
+    with caplog.at_level("WARNING"):
+        connect_renderer(CountdownDataModule(), ContextRenderer(tiny.tokenizer))
+        assert not caplog.text
+        connect_renderer(CountdownDataModule(), ContextRenderer(tiny.tokenizer, max_prompt_tokens=64))
+    assert "CountdownDataModule has no connect(renderer)" in caplog.text
 
 
 def test_an_unknown_data_option_names_the_class_and_option(tmp_path):

@@ -29,6 +29,7 @@ def test_sft_tensors_label_only_unmasked_completion_tokens():
     )
     assert tensors["input_ids"].tolist() == [[5, 6, 8, 9, 2], [0, 0, 7, 10, 2]]
     assert tensors["labels"].tolist() == [[-100, -100, 8, -100, 2], [-100, -100, -100, 10, 2]]
+    assert tensors["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]  # left pads take 0
 
 
 def test_teacher_format_never_trains_on_slipped_digits(tiny):

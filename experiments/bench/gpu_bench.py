@@ -4,7 +4,7 @@ Run on a machine with a CUDA GPU (writes `$OUT/gpu_bench.json`, or `--out`):
 
     python experiments/bench/gpu_bench.py --out experiments/bench/gpu.json
 
-It measures, side by side in one process and on one GPU (see ../shared/docs/PERF.md for the anchors):
+It measures, side by side in one process and on one GPU (docs/performance.md has the results and targets):
 
 - one OPSD training step: LoRA r=64 on all linear layers, gradient checkpointing, the fixed teacher as
   "adapters disabled", student context 256 + 2048 completion tokens, teacher context 1280 + 2048,
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from opsd_lightning.contexts import TokenBatch
+from opsd_lightning.batches import TokenBatch
 from opsd_lightning.losses import GeneralizedJSD
 from opsd_lightning.losses.chunked import chunked_divergence_sum, naive_divergence_sum
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts

@@ -86,7 +86,9 @@ def main() -> None:
     loaded.model.name_or_path = ""  # random weights: the adapters name no base
     loaded.model = apply_peft(loaded.model, LORA)
     built_s = time.perf_counter() - start
-    rows = generate_examples(4 * args.batch_size, seed=0)
+    rows = generate_examples(
+        4 * args.batch_size, seed=0, max_start=30, max_change=20
+    )  # the rows of earlier runs
     module = OPSDModule(
         model=loaded.model,
         tokenizer=loaded.tokenizer,

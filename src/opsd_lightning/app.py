@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from opsd_lightning.evaluation.benchmarks import Benchmark
 from opsd_lightning.models import LoadedModel, load_pretrained
 from opsd_lightning.warmup import WarmupConfig, prepare_tiny_base
 
@@ -73,7 +74,7 @@ def build_model(cfg: DictConfig, datamodule: L.LightningDataModule) -> LoadedMod
     )
 
 
-def build_benchmarks(cfg: DictConfig) -> list:
+def build_benchmarks(cfg: DictConfig) -> list[Benchmark]:
     """The configured benchmarks (`benchmark=[a,b]` composes several)."""
     benchmarks = [instantiate(node) for node in (cfg.get("benchmark") or {}).values()]
     if not benchmarks:

@@ -6,11 +6,13 @@ extracted answers, correctness, lengths, truncation) and `summary.json`, and pri
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -22,9 +24,9 @@ from opsd_lightning._paths import config_dir
 from opsd_lightning.app import build_benchmarks, build_model, instantiate_datamodule, output_dir
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.grading import answers_equivalent
-from opsd_lightning.evaluation.loaders import collate_problems
+from opsd_lightning.evaluation.loaders import problem_batches
 from opsd_lightning.evaluation.metrics import BenchmarkMetrics
-from opsd_lightning.evaluation.runner import EvalSettings, score_problems
+from opsd_lightning.evaluation.runner import EvalSettings, ProblemResult, score_problems
 from opsd_lightning.models import LoadedModel, eos_token_ids
 from opsd_lightning.peft_utils import apply_peft
 
@@ -67,33 +69,15 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     eos_ids = eos_token_ids(model, loaded.tokenizer)
 
-    summary: dict[str, dict[str, float]] = {}
-    for benchmark in build_benchmarks(cfg):
-        load = getattr(benchmark, "load_from", None)
-        rows = load(datamodule) if load else benchmark.load()
-        metric = BenchmarkMetrics(ks=settings.ks, equivalent=answers_equivalent)
-        with (
-            (out / f"{benchmark.name}.jsonl").open("w") as jsonl,
-            tqdm(
-                total=len(rows), desc=f"eval {benchmark.name}", unit="problem", dynamic_ncols=True
-            ) as progress,
-        ):
-            for offset in range(0, len(rows), settings.problems_per_batch):
-                batch = collate_problems(rows[offset : offset + settings.problems_per_batch])
-                results = score_problems(
-                    model, loaded.tokenizer, contexts, batch, settings, eos_ids, cfg.seed + offset
-                )
-                metric.update(
-                    [r.correct for r in results],
-                    [r.answers for r in results],
-                    [r.lengths for r in results],
-                    [r.truncated for r in results],
-                )
-                for result in results:
-                    jsonl.write(json.dumps(result.to_json()) + "\n")
-                progress.update(len(results))
-        values = {settings.metric_name(k): float(v) for k, v in metric.compute().items()}
-        summary[benchmark.name] = {"problems": len(rows), **values}
+    score = functools.partial(
+        score_problems, model, loaded.tokenizer, contexts, settings=settings, eos_ids=eos_ids
+    )
+    summary = {
+        benchmark.name: score_benchmark(
+            benchmark.name, benchmark.load(datamodule), score, settings, cfg.seed, out
+        )
+        for benchmark in build_benchmarks(cfg)
+    }
     (out / "summary.json").write_text(
         json.dumps(
             {
@@ -109,6 +93,31 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     )
     print(format_table(summary, settings, out))
     return summary
+
+
+def score_benchmark(
+    name: str,
+    rows: list[dict[str, str]],
+    score: Callable[..., list[ProblemResult]],
+    settings: EvalSettings,
+    seed: int,
+    out: Path,
+) -> dict[str, float]:
+    """Score a benchmark's rows with `score(batch, seed=...)` and write `<out>/<name>.jsonl`; its problem
+    count and metrics."""
+    metric = BenchmarkMetrics(ks=settings.ks, equivalent=answers_equivalent)
+    with (
+        (out / f"{name}.jsonl").open("w") as jsonl,
+        tqdm(total=len(rows), desc=f"eval {name}", unit="problem", dynamic_ncols=True) as progress,
+    ):
+        for index, batch in enumerate(problem_batches(rows, settings.problems_per_batch)):
+            # Seeded by position, as the evaluation during training is.
+            results = score(batch, seed=seed + index * settings.problems_per_batch)
+            metric.update(results)
+            jsonl.writelines(json.dumps(result.to_json()) + "\n" for result in results)
+            progress.update(len(results))
+    values = {settings.metric_name(k): float(v) for k, v in metric.compute().items()}
+    return {"problems": len(rows), **values}
 
 
 def format_table(summary: dict[str, dict[str, float]], settings: EvalSettings, out: Path) -> str:

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from opsd_lightning.contexts import TokenBatch
+from opsd_lightning.batches import TokenBatch
 
 
 @dataclass
 class SamplingConfig:
     """Sampling settings for `generate`; `temperature=0` means greedy decoding.
 
+    Errors name the field alone (`top_p=0 ...`); `build_settings` adds where in the config it is.
     `cache_implementation` is passed to `generate` when set: `static` pre-allocates the KV cache and lets
     transformers compile the decode step (about 2x faster rollouts on a GPU after the first call).
     """
@@ -28,13 +29,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 = greedy)")
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 = off)")
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
     def generate_kwargs(self) -> dict:
         cache = {"cache_implementation": self.cache_implementation} if self.cache_implementation else {}

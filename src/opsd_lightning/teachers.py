@@ -6,8 +6,9 @@
 - `EMATeacher`: an exponential moving average of the trainable weights, swapped in for the teacher
   pass and updated after every optimizer step.
 
-Every teacher is an `nn.Module`, so its state (frozen copy, EMA shadow) moves with the LightningModule
-to the device and is saved in and restored from checkpoints.
+Every teacher is scored the same way: `with teacher.scoring(model) as view:` gives a `ScoringView` under
+`no_grad`, in eval mode, with the teacher's weights in place. Every teacher is an `nn.Module`, so its state
+(frozen copy, EMA shadow) moves with the LightningModule to the device and is saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -15,24 +16,52 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from opsd_lightning.rollout import eval_mode
+from opsd_lightning.scoring import output_layer
 
 
 def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+@dataclass(frozen=True)
+class ScoringView:
+    """What scores the teacher context.
+
+    `model`: call it inside the `with` block only (an EMA teacher swaps the live weights back on exit).
+    `head_weight` / `head_bias`: the teacher's output layer, valid after the block too, for losses that form
+    logits later from hidden states; `head_weight=None` means the student's own output layer.
+    """
+
+    model: nn.Module
+    head_weight: Tensor | None = None
+    head_bias: Tensor | None = None
+
+
 class Teacher(nn.Module):
-    """Base class: `attach(model)` once, `scoring_model(model)` around each teacher pass."""
+    """Base class: `attach(model)` once, `scoring(model)` around each teacher pass,
+    `after_optimizer_step(model)` after each step."""
 
     def attach(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called once with the student model, before training."""
 
     @contextlib.contextmanager
-    def scoring_model(self, model: nn.Module) -> Iterator[nn.Module]:
+    def scoring(self, model: nn.Module) -> Iterator[ScoringView]:
+        """No grad, no dropout, this teacher's weights in place."""
+        with torch.no_grad(), self._weights_in_place(model) as scoring_model, eval_mode(scoring_model):
+            yield self._view(model, scoring_model)
+
+    @contextlib.contextmanager
+    def _weights_in_place(self, model: nn.Module) -> Iterator[nn.Module]:
         yield model
+
+    def _view(self, model: nn.Module, scoring_model: nn.Module) -> ScoringView:
+        return ScoringView(scoring_model)
 
     @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
@@ -49,21 +78,29 @@ class FixedTeacher(Teacher):
     def __init__(self) -> None:
         super().__init__()
         self.frozen: nn.Module | None = None
+        self._attached = False
 
     def attach(self, model: nn.Module) -> None:
+        self._attached = True
         if is_peft_model(model):
             return  # the base weights under the adapters are θ0
         self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     @contextlib.contextmanager
-    def scoring_model(self, model: nn.Module) -> Iterator[nn.Module]:
+    def _weights_in_place(self, model: nn.Module) -> Iterator[nn.Module]:
+        if not self._attached:
+            raise RuntimeError("FixedTeacher.attach(model) was not called before the first teacher pass")
         if self.frozen is not None:
             yield self.frozen
-        elif is_peft_model(model):
-            with model.disable_adapter():
-                yield model
-        else:
-            raise RuntimeError("FixedTeacher.attach(model) was not called before the first teacher pass")
+            return
+        with model.disable_adapter():
+            yield model
+
+    def _view(self, model: nn.Module, scoring_model: nn.Module) -> ScoringView:
+        head = output_layer(self.frozen) if self.frozen is not None else None
+        if head is None:  # adapters disabled: the student's own output layer
+            return ScoringView(scoring_model)
+        return ScoringView(scoring_model, head.weight, head.bias)
 
     def train(self, mode: bool = True) -> FixedTeacher:
         # The frozen copy never trains: no dropout, whatever Lightning does to the parent module.
@@ -100,7 +137,7 @@ class EMATeacher(Teacher):
             self.shadow[self._key(name)].lerp_(param.detach(), 1.0 - self.decay)
 
     @contextlib.contextmanager
-    def scoring_model(self, model: nn.Module) -> Iterator[nn.Module]:
+    def _weights_in_place(self, model: nn.Module) -> Iterator[nn.Module]:
         # Swap EMA weights in, score, swap the live weights back; costs two copies of the trainable set.
         pairs = [(param, self.shadow[self._key(name)]) for name, param in self._trainable(model)]
         live = [param.detach().clone() for param, _ in pairs]
@@ -113,3 +150,17 @@ class EMATeacher(Teacher):
             with torch.no_grad():
                 for (param, _), saved in zip(pairs, live, strict=True):
                     param.copy_(saved)
+
+    def _view(self, model: nn.Module, scoring_model: nn.Module) -> ScoringView:
+        # A trainable output layer is swapped back on exit: the view keeps its EMA values (the shadow itself).
+        head = output_layer(model)
+        if head is None:
+            return ScoringView(scoring_model)
+        shadow_of = {id(param): self._key(name) for name, param in self._trainable(model)}
+        weight, bias = (
+            self.shadow[shadow_of[id(p)]] if p is not None and id(p) in shadow_of else p
+            for p in (head.weight, head.bias)
+        )
+        if weight is head.weight:  # a frozen output layer: the student's own
+            return ScoringView(scoring_model)
+        return ScoringView(scoring_model, weight, bias)

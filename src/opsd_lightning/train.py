@@ -23,6 +23,7 @@ from opsd_lightning.app import build_benchmarks, build_model, instantiate_datamo
 from opsd_lightning.callbacks import TrainingInterrupted
 from opsd_lightning.checks import check_config
 from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.data import RawTextDataModule
 from opsd_lightning.evaluation.loaders import WithBenchmarks
 from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.peft_utils import apply_peft
@@ -41,14 +42,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
 
-    datamodule = instantiate_datamodule(cfg.data)
-    datamodule.setup("fit")
-    data = WithBenchmarks(datamodule, build_benchmarks(cfg), settings.problems_per_batch)
+    data = WithBenchmarks(
+        instantiate_datamodule(cfg.data), build_benchmarks(cfg), settings.problems_per_batch
+    )
+    # The rows now: a bad file or benchmark fails before the model loads, and the warm-up keeps the
+    # held-out problems out of the tiny base's training.
     data.setup("fit")
-    loaded = build_model(cfg, datamodule)
+
+    loaded = build_model(cfg, data.datamodule)
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
     contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
-    overlong = fit_training_rows(datamodule, contexts)
+    connect_renderer(data.datamodule, contexts)
     module = instantiate(
         cfg.algorithm,
         model=loaded.model,
@@ -58,32 +62,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _convert_="all",
     )
 
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # LearningRateMonitor refuses to run without a logger; logger=none should just work
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    metrics: dict[str, Any] = {"benchmarks": {name: len(rows) for name, rows in data.rows.items()}}
-    if overlong is not None:
-        metrics["overlong_training_rows"] = overlong
-    if cfg.get("ckpt_path"):  # the base was measured by the run being resumed
-        log.info("Resuming from %s: skipping the base model's validation", cfg.ckpt_path)
-    elif cfg.get("validate_before", True):
-        metrics["base"] = _merged(trainer.validate(module, datamodule=data, verbose=False))
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
-    except TrainingInterrupted as stop:
-        # The exit status a shell or scheduler expects of a signalled job (130 Ctrl-C, 143 SIGTERM).
-        log.error("%s. Resume with the same overrides plus ckpt_path=%s", stop, stop.checkpoint)
-        raise SystemExit(128 + stop.signal_number) from stop
-    # Read the last training metrics before test() replaces trainer.callback_metrics.
-    metrics["train"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    metrics["final"] = _merged(trainer.test(module, datamodule=data, verbose=False))
-    metrics["optimizer_steps"] = trainer.global_step
-    metrics["generated_tokens"] = module.generated_tokens
+    metrics = fit_and_test(cfg, trainer, module, data)
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
     metrics["output_dir"] = str(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -91,36 +78,45 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def fit_training_rows(datamodule: L.LightningDataModule, contexts: ContextRenderer) -> dict[str, int] | None:
-    """Apply `context.overlong` to the training rows once, before training; the counts, logged."""
-    rows = getattr(datamodule, "train_rows", None)
-    if contexts.max_prompt_tokens is None:
-        return None
-    if rows is None:
+def connect_renderer(datamodule: L.LightningDataModule, renderer: ContextRenderer) -> None:
+    """Hand the run's renderer to the training data, whose `setup` fits its rows to the prompt budget."""
+    if isinstance(datamodule, RawTextDataModule):
+        datamodule.connect(renderer)
+    elif renderer.budget.max_prompt_tokens is not None:
         log.warning(
-            "%s has no train_rows, so context.overlong cannot fit its rows in advance: a prompt over "
+            "%s has no connect(renderer), so context.overlong cannot fit its rows in advance: a prompt over "
             "context.max_prompt_tokens=%d will raise when rendered",
             type(datamodule).__name__,
-            contexts.max_prompt_tokens,
+            renderer.budget.max_prompt_tokens,
         )
-        return None
-    datamodule.train_rows, counts = contexts.fit_rows(rows)
-    if not datamodule.train_rows:
-        raise ValueError(
-            f"all {len(rows)} training rows are over context.max_prompt_tokens={contexts.max_prompt_tokens} "
-            f"(context.overlong={contexts.overlong}); raise the limit"
-        )
-    if counts["dropped"] or counts["truncated"]:
-        log.warning(
-            "context.max_prompt_tokens=%d: %d of %d training rows dropped, %d with a truncated reference "
-            "solution (context.overlong=%s)",
-            contexts.max_prompt_tokens,
-            counts["dropped"],
-            len(rows),
-            counts["truncated"],
-            contexts.overlong,
-        )
-    return counts
+
+
+def fit_and_test(
+    cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, data: WithBenchmarks
+) -> dict:
+    """Validate the base model (unless resuming), train, test: the run's metrics."""
+    base = None
+    if cfg.get("ckpt_path"):  # the base was measured by the run being resumed
+        log.info("Resuming from %s: skipping the base model's validation", cfg.ckpt_path)
+    elif cfg.get("validate_before", True):
+        base = _merged(trainer.validate(module, datamodule=data, verbose=False))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    except TrainingInterrupted as stop:
+        # The exit status a shell or scheduler expects of a signalled job (130 Ctrl-C, 143 SIGTERM).
+        log.error("%s. Resume with the same overrides plus ckpt_path=%s", stop, stop.checkpoint)
+        raise SystemExit(128 + stop.signal_number) from stop
+    metrics: dict[str, Any] = {"benchmarks": {name: len(rows) for name, rows in data.rows.items()}}
+    if isinstance(data.datamodule, RawTextDataModule) and data.datamodule.overlong_counts is not None:
+        metrics["overlong_training_rows"] = data.datamodule.overlong_counts
+    if base is not None:
+        metrics["base"] = base
+    # Read the last training metrics before test() replaces trainer.callback_metrics.
+    metrics["train"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics["final"] = _merged(trainer.test(module, datamodule=data, verbose=False))
+    metrics["optimizer_steps"] = trainer.global_step
+    metrics["generated_tokens"] = module.generated_tokens
+    return metrics
 
 
 def _merged(results: list[dict]) -> dict[str, float]:

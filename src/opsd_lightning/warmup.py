@@ -28,8 +28,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from opsd_lightning.contexts import ContextRenderer, left_pad
-from opsd_lightning.data.arith import ArithProblem, generate_problems, slipped_solution
+from opsd_lightning.batches import left_pad, position_ids_from_mask
+from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.data.arith import (
+    MAX_CHANGE,
+    MAX_START,
+    NUM_STEPS,
+    ArithProblem,
+    generate_problems,
+    slipped_solution,
+)
 from opsd_lightning.models import LoadedModel, build_tiny, save_pretrained
 
 log = logging.getLogger(__name__)
@@ -51,9 +59,9 @@ class WarmupConfig:
     teacher_fraction: float = 0.5
     slip_rate: float = 0.25
     reference_style: str = "steps"
-    num_steps: tuple[int, ...] = (2, 3)
-    max_start: int = 12
-    max_change: int = 6
+    num_steps: tuple[int, ...] = NUM_STEPS
+    max_start: int = MAX_START
+    max_change: int = MAX_CHANGE
     seed: int = 1234
     # The prompt format the base is trained in; None = the run's `context`. Experiments that ablate the
     # context pin it, so that every variant starts from the same base.
@@ -76,11 +84,10 @@ def sft_tensors(
         if completion_loss_masks is not None:
             targets[~torch.as_tensor(completion_loss_masks[row], dtype=torch.bool)] = -100
         labels[row, width - len(completion) :] = targets
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
-        "position_ids": position_ids,
+        "position_ids": position_ids_from_mask(batch.attention_mask),
         "labels": labels,
     }
 

@@ -9,22 +9,27 @@ completions differently).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opsd_lightning.contexts import ContextRenderer, ScoringBatch, TokenBatch
+from opsd_lightning.algorithms.settings import StepSettings
+from opsd_lightning.batches import TokenBatch
+from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.grading import answers_equivalent
 from opsd_lightning.evaluation.metrics import BenchmarkMetrics
 from opsd_lightning.evaluation.runner import EvalSettings, as_settings, score_problems
 from opsd_lightning.models import eos_token_ids
+from opsd_lightning.options import build_settings
 from opsd_lightning.rollout import Rollout, SamplingConfig, generate_rollouts
 
 RAW_BATCH_KEYS = ("problem", "solution")
@@ -56,56 +61,6 @@ def check_raw_batch(batch: Mapping) -> None:
             f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}. "
             "See README, 'Your own datamodule'."
         )
-
-
-def completion_logits(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
-    """Next-token logits at the completion positions only, `[B, Lc, V]`.
-
-    `logits_to_keep` skips the LM head on prompt positions (the teacher prompt holds the whole reference).
-    """
-    num_completion = batch.logit_slice.stop - batch.logit_slice.start
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=num_completion + 1,
-    )
-    return output.logits[:, :num_completion]
-
-
-def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The decoder stack and the output layer of a (possibly PEFT-wrapped) Hugging Face causal LM.
-
-    Calling the decoder directly yields final hidden states without running the LM head: the chunked
-    loss then computes logits a chunk at a time. LoRA layers are injected in place, so they still apply.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_decoder, head = getattr(base, "get_decoder", None), base.get_output_embeddings()
-    decoder = get_decoder() if get_decoder is not None else None
-    if decoder is None or decoder is base or head is None:
-        raise ValueError(
-            f"{type(base).__name__} does not expose a decoder and an output layer "
-            "(get_decoder / get_output_embeddings); use algorithm.loss.backend=naive"
-        )
-    if getattr(base.config, "final_logit_softcapping", None):
-        raise ValueError(
-            f"{type(base).__name__} soft-caps its logits, which the chunked loss does not model; "
-            "use algorithm.loss.backend=naive"
-        )
-    return decoder, head
-
-
-def completion_hidden(model: nn.Module, batch: ScoringBatch) -> torch.Tensor:
-    """Final hidden states at the positions that predict the completion tokens, `[B, Lc, H]`."""
-    decoder, _ = causal_lm_parts(model)
-    output = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
-    return output.last_hidden_state[:, batch.logit_slice]
 
 
 class PolicyModule(L.LightningModule):
@@ -143,27 +98,20 @@ class PolicyModule(L.LightningModule):
         max_nonfinite_steps_in_a_row: int = 3,
     ) -> None:
         super().__init__()
-        if accumulate_grad_batches < 1:
-            raise ValueError(f"algorithm.accumulate_grad_batches={accumulate_grad_batches} must be >= 1")
-        if max_nonfinite_steps_in_a_row < 1:
-            raise ValueError(
-                f"algorithm.max_nonfinite_steps_in_a_row={max_nonfinite_steps_in_a_row} must be >= 1"
-            )
+        steps = StepSettings(accumulate_grad_batches, gradient_clip_val, max_nonfinite_steps_in_a_row)
         self.automatic_optimization = False  # we own the step-level token normalisation
         self.model = model
         self.tokenizer = tokenizer
         self.contexts = contexts
-        self.sampling = (
-            SamplingConfig(**sampling) if isinstance(sampling, Mapping) else sampling or SamplingConfig()
-        )
+        self.sampling = build_settings(SamplingConfig, sampling, "algorithm.sampling")
         self.evaluation = as_settings(evaluation)
         self.benchmarks = list(benchmarks)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.gradient_clip_val = gradient_clip_val
+        self.accumulate_grad_batches = steps.accumulate_grad_batches
+        self.gradient_clip_val = steps.gradient_clip_val
         self.seed = seed
-        self.max_nonfinite_steps_in_a_row = max_nonfinite_steps_in_a_row
+        self.max_nonfinite_steps_in_a_row = steps.max_nonfinite_steps_in_a_row
         self.nonfinite_steps = 0  # skipped optimizer steps, saved in checkpoints
         self._nonfinite_in_a_row = 0
         self.ended_optimizer_step = False
@@ -179,6 +127,22 @@ class PolicyModule(L.LightningModule):
         self._fit_start = time.perf_counter()
         self._window: dict[str, float] = {}
         self._window_stats: dict[str, list[float]] = {}
+
+    # The settings objects __init__ builds: from top-level options (by field name), and from the option
+    # mappings under a key (the algorithm config's key -> the settings class).
+    flat_settings: ClassVar[tuple[type, ...]] = (StepSettings,)
+    nested_settings: ClassVar[dict[str, type]] = {"sampling": SamplingConfig}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Build, from the resolved `algorithm` config, every settings object `__init__` builds, so a bad
+        option fails before any model loads, with the message `__init__` would give."""
+        for settings_cls in cls.flat_settings:
+            names = {f.name for f in dataclasses.fields(settings_cls)}
+            settings_cls(**{key: value for key, value in options.items() if key in names})
+        for key, settings_cls in cls.nested_settings.items():
+            if options.get(key) is not None:
+                build_settings(settings_cls, options[key], f"algorithm.{key}")
 
     # ---- what subclasses provide -------------------------------------------------------------
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
@@ -333,12 +297,7 @@ class PolicyModule(L.LightningModule):
         results = score_problems(
             self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed
         )
-        self.eval_metrics[f"{stage}_{dataloader_idx}"].update(
-            [r.correct for r in results],
-            [r.answers for r in results],
-            [r.lengths for r in results],
-            [r.truncated for r in results],
-        )
+        self.eval_metrics[f"{stage}_{dataloader_idx}"].update(results)
 
     def _log_eval_metrics(self, stage: str) -> None:
         """`<stage>/<benchmark>/<metric>`, computed over all batches and ranks, then reset."""

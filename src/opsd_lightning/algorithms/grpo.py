@@ -7,11 +7,12 @@ from collections.abc import Mapping
 
 import torch
 
-from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
-from opsd_lightning.contexts import build_scoring_batch
+from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule
+from opsd_lightning.algorithms.settings import GroupSettings
+from opsd_lightning.batches import build_scoring_batch
 from opsd_lightning.evaluation.grading import extract_answer, grade
 from opsd_lightning.losses.policy_gradient import clipped_policy_loss, group_advantages, k3_kl
-from opsd_lightning.rollout import eval_mode
+from opsd_lightning.scoring import completion_logits
 from opsd_lightning.teachers import FixedTeacher
 
 
@@ -24,15 +25,12 @@ class GRPOModule(PolicyModule):
         kl_coef: weight of the per-token KL(π‖π_0) to the initial weights (0 = off, no reference kept).
     """
 
+    flat_settings = (*PolicyModule.flat_settings, GroupSettings)
+
     def __init__(self, *args, group_size: int = 4, clip: float = 0.2, kl_coef: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if group_size < 2:
-            raise ValueError(f"algorithm.group_size={group_size} must be >= 2 (advantages are relative)")
-        if not 0 < clip < 1:
-            raise ValueError(f"algorithm.clip={clip} must be in (0, 1)")
-        if kl_coef < 0:
-            raise ValueError(f"algorithm.kl_coef={kl_coef} must be >= 0")
-        self.group_size, self.clip, self.kl_coef = group_size, clip, kl_coef
+        settings = GroupSettings(group_size, clip, kl_coef)
+        self.group_size, self.clip, self.kl_coef = settings.group_size, settings.clip, settings.kl_coef
         self.reference = FixedTeacher() if kl_coef > 0 else None
         if self.reference is not None:
             self.reference.attach(self.model)
@@ -59,10 +57,9 @@ class GRPOModule(PolicyModule):
         token_advantages = advantages[:, None].expand_as(mask)[mask]
         per_token = clipped_policy_loss(logp, logp.detach(), token_advantages, self.clip)
         if self.reference is not None:
-            with torch.no_grad(), self.reference.scoring_model(self.model) as reference, eval_mode(reference):
-                logp_ref = _token_log_probs(completion_logits(reference, scoring), rollout.completion_ids)[
-                    mask
-                ]
+            with self.reference.scoring(self.model) as reference:
+                reference_logits = completion_logits(reference.model, scoring)
+            logp_ref = _token_log_probs(reference_logits, rollout.completion_ids)[mask]
             per_token = per_token + self.kl_coef * k3_kl(logp, logp_ref)
         stats = {
             "reward": float(rewards.mean()),

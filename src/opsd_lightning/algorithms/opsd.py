@@ -16,18 +16,18 @@ from collections.abc import Mapping
 
 import torch
 
-from opsd_lightning.algorithms.base import (
-    MicroBatchLoss,
-    PolicyModule,
-    causal_lm_parts,
-    completion_hidden,
-    completion_logits,
-)
-from opsd_lightning.contexts import TokenBatch, build_scoring_batch
-from opsd_lightning.losses import Divergence, TopK, masked_token_sum
+from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule
+from opsd_lightning.algorithms.settings import MicroBatchSettings
+from opsd_lightning.batches import TokenBatch, build_scoring_batch
+from opsd_lightning.losses import Divergence, masked_token_sum
 from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum
-from opsd_lightning.rollout import SamplingConfig, eval_mode, generate_rollouts
+from opsd_lightning.options import build_settings
+from opsd_lightning.rollout import SamplingConfig, generate_rollouts
+from opsd_lightning.scoring import causal_lm_parts, completion_hidden, completion_logits, output_layer
 from opsd_lightning.teachers import DynamicTeacher, Teacher
+
+# Reason-first explanations when `rationale_sampling` is not given: greedy and short.
+GREEDY_RATIONALE = {"temperature": 0.0, "max_new_tokens": 64}
 
 
 class OPSDModule(PolicyModule):
@@ -42,9 +42,16 @@ class OPSDModule(PolicyModule):
             greedy by default, by the teacher's weights); the explanation stays in its context while it
             scores the student's tokens. Its tokens count as generated tokens.
         loss: how the divergence is computed (`LossSettings`): `backend` `chunked` (default; logits from
-            hidden states a chunk of `chunk_size` positions at a time) or `naive` (full logits).
+            hidden states a chunk of `chunk_size` positions at a time) or `full_logits`.
         micro_batch_size: rows per forward/backward; the whole batch is generated at once (None = all).
     """
+
+    flat_settings = (*PolicyModule.flat_settings, MicroBatchSettings)
+    nested_settings = {
+        **PolicyModule.nested_settings,
+        "rationale_sampling": SamplingConfig,
+        "loss": LossSettings,
+    }
 
     def __init__(
         self,
@@ -59,20 +66,15 @@ class OPSDModule(PolicyModule):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.loss = LossSettings(**loss) if isinstance(loss, Mapping) else loss or LossSettings()
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ValueError(f"algorithm.micro_batch_size={micro_batch_size} must be >= 1 (or null)")
-        self.micro_batch_size = micro_batch_size
+        self.loss = build_settings(LossSettings, loss, "algorithm.loss")
+        self.micro_batch_size = MicroBatchSettings(micro_batch_size).micro_batch_size
         self.reason_first = reason_first
-        if isinstance(rationale_sampling, Mapping):
-            rationale_sampling = SamplingConfig(**rationale_sampling)
-        self.rationale_sampling = rationale_sampling or SamplingConfig(temperature=0.0, max_new_tokens=64)
-        vocabulary = self.model.get_output_embeddings().weight.shape[0]
-        if isinstance(divergence, TopK) and divergence.k > vocabulary:
-            raise ValueError(
-                f"divergence.k={divergence.k} exceeds the model's vocabulary of {vocabulary} tokens; "
-                f"use 1 <= divergence.k <= {vocabulary}"
-            )
+        self.rationale_sampling = build_settings(
+            SamplingConfig, rationale_sampling or GREEDY_RATIONALE, "algorithm.rationale_sampling"
+        )
+        head = output_layer(self.model)
+        if head is not None:
+            divergence.check_vocabulary(head.weight.shape[0])
         self.divergence = divergence
         self.teacher = teacher if teacher is not None else DynamicTeacher()
         self.teacher.attach(self.model)
@@ -133,33 +135,17 @@ class OPSDModule(PolicyModule):
         student_batch = build_scoring_batch(student_prompt, completion_ids, completion_mask)
         teacher_batch = build_scoring_batch(teacher_prompt, completion_ids, completion_mask)
         token_ids = completion_ids[loss_mask]
-        if self.loss.backend == "naive":
-            with (
-                torch.no_grad(),
-                self.teacher.scoring_model(self.model) as teacher_model,
-                eval_mode(teacher_model),
-            ):
-                teacher_logits = completion_logits(teacher_model, teacher_batch)[loss_mask]
+        if self.loss.backend == "full_logits":
+            with self.teacher.scoring(self.model) as teacher:
+                teacher_logits = completion_logits(teacher.model, teacher_batch)[loss_mask]
             student_logits = completion_logits(self.model, student_batch)[loss_mask]
             per_token = self.divergence.per_token(student_logits, teacher_logits, token_ids)
             return masked_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool))[0]
 
         # Hidden states, and logits a chunk of positions at a time: never [tokens, vocab] at once.
         _, head = causal_lm_parts(self.model)
-        with (
-            torch.no_grad(),
-            self.teacher.scoring_model(self.model) as teacher_model,
-            eval_mode(teacher_model),
-        ):
-            teacher_hidden = completion_hidden(teacher_model, teacher_batch)[loss_mask]
-            _, teacher_head = causal_lm_parts(teacher_model)
-            teacher_weight, teacher_bias = teacher_head.weight, teacher_head.bias
-            if teacher_head is head:
-                # The same head object: the student's own (None), unless an EMA teacher swapped its weights
-                # into it for this block only, while the chunked loss reads it afterwards: then a copy.
-                swapped = head.weight.requires_grad and not isinstance(self.teacher, DynamicTeacher)
-                teacher_weight = teacher_weight.detach().clone() if swapped else None
-                teacher_bias = teacher_bias.detach().clone() if swapped and teacher_bias is not None else None
+        with self.teacher.scoring(self.model) as teacher:
+            teacher_hidden = completion_hidden(teacher.model, teacher_batch)[loss_mask]
         student_hidden = completion_hidden(self.model, student_batch)[loss_mask]
         return chunked_divergence_sum(
             student_hidden,
@@ -169,16 +155,16 @@ class OPSDModule(PolicyModule):
             self.divergence,
             chunk_size=self.loss.chunk_size,
             bias=head.bias,
-            teacher_weight=teacher_weight,
-            teacher_bias=teacher_bias,
+            teacher_weight=teacher.head_weight,
+            teacher_bias=teacher.head_bias,
         )
 
     def teacher_rationales(self, batch: Mapping, micro_index: int) -> list[str]:
         """Reason-first: the teacher's explanation of each reference, as text for its next turn."""
         prompt = self.contexts.rationale_batch(batch["problem"], batch["solution"]).to(self.device)
-        with self.teacher.scoring_model(self.model) as teacher_model:
+        with self.teacher.scoring(self.model) as teacher:
             rollout = generate_rollouts(
-                teacher_model,
+                teacher.model,
                 prompt,
                 self.rationale_sampling,
                 self.eos_ids,

@@ -6,16 +6,20 @@ from collections.abc import Mapping
 
 import torch
 
-from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule, completion_logits
-from opsd_lightning.contexts import build_scoring_batch
+from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule
+from opsd_lightning.batches import build_scoring_batch
 from opsd_lightning.rollout import completion_mask_from_ids
+from opsd_lightning.scoring import completion_logits
 
 
 class SFTModule(PolicyModule):
     """Supervised fine-tuning on `[student prompt | reference solution + EOS]`; prompt tokens are not trained.
 
-    It shares the model, contexts, evaluation and step-level token mean with OPSD; it generates nothing.
+    It shares the model, contexts, evaluation and step-level token mean with OPSD; it generates nothing
+    in training, so it has no `sampling` (a `sampling` given to it is not used).
     """
+
+    nested_settings = {}
 
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
         prompt = self.contexts.student_batch(batch["problem"]).to(self.device)

@@ -3,6 +3,10 @@
 Everything is generated from a seed, so the task needs no files and no network. Each example has a
 `problem`, a reference `solution` that works through the steps and ends in `\\boxed{answer}`, and the
 `answer`. Validation problems never repeat a training problem.
+
+The task's knobs (`num_steps`, `max_start`, `max_change`) and its held-out size are stated for the
+configs in `conf/data/shared/arith_task.yaml` and `conf/data/arith.yaml`; the defaults below are the same
+values (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from opsd_lightning.data.datamodule import RawTextDataModule
+
+NUM_STEPS = (2, 3)
+MAX_START = 12
+MAX_CHANGE = 6
+HELDOUT_SIZE = 200
 
 NAMES = [
     "Ava",
@@ -124,9 +133,9 @@ def slipped_solution(
 def generate_problems(
     count: int,
     seed: int,
-    num_steps: Sequence[int] = (2, 3),
-    max_start: int = 30,
-    max_change: int = 20,
+    num_steps: Sequence[int] = NUM_STEPS,
+    max_start: int = MAX_START,
+    max_change: int = MAX_CHANGE,
     exclude: set[str] | None = None,
 ) -> list[ArithProblem]:
     """`count` distinct problems from `seed`, skipping any problem text in `exclude`."""
@@ -165,16 +174,49 @@ def generate_examples(
     return [to_row(problem, reference_style) for problem in generate_problems(count, seed, *args, **kwargs)]
 
 
+@dataclass(frozen=True)
+class ArithTask:
+    """The problems of one task seed: a held-out stream and a training stream, drawn from two seeds.
+
+    The held-out problems come from their own stream, so they do not change when the training size does,
+    and the training stream skips them. `data=arith`'s validation split and `benchmark=arith` both read
+    the held-out stream from here.
+    """
+
+    seed: int
+    num_steps: tuple[int, ...] = NUM_STEPS
+    max_start: int = MAX_START
+    max_change: int = MAX_CHANGE
+    reference_style: str = "steps"
+
+    @classmethod
+    def of_run(cls, seed: int, task_seed: int | None, **knobs) -> ArithTask:
+        """The task of a run: `task_seed` fixes the problems; left as None, the run's `seed` does."""
+        return cls(seed=seed if task_seed is None else task_seed, **knobs)
+
+    def heldout_rows(self, count: int) -> list[dict[str, str]]:
+        return self._rows(count, self.seed * 2 + 1)
+
+    def training_rows(self, count: int, heldout: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        return self._rows(count, self.seed * 2, exclude={row["problem"] for row in heldout})
+
+    def _rows(self, count: int, stream_seed: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
+        knobs = (self.num_steps, self.max_start, self.max_change)
+        return generate_examples(
+            count, stream_seed, *knobs, exclude=exclude, reference_style=self.reference_style
+        )
+
+
 class ArithDataModule(RawTextDataModule):
     """Deterministic synthetic arithmetic word problems (`data=arith`)."""
 
     def __init__(
         self,
         train_size: int = 4000,
-        val_size: int = 200,
-        num_steps: Sequence[int] = (2, 3),
-        max_start: int = 12,
-        max_change: int = 6,
+        val_size: int = HELDOUT_SIZE,
+        num_steps: Sequence[int] = NUM_STEPS,
+        max_start: int = MAX_START,
+        max_change: int = MAX_CHANGE,
         reference_style: str = "steps",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -187,18 +229,16 @@ class ArithDataModule(RawTextDataModule):
         )
         # The problems (and so the held-out set and the warm-up base) follow `task_seed`; `seed` alone
         # then varies only the training order, so a sweep over seeds can share one base model.
-        self.task_seed = seed if task_seed is None else task_seed
+        self.task = ArithTask.of_run(
+            seed,
+            task_seed,
+            num_steps=tuple(num_steps),
+            max_start=max_start,
+            max_change=max_change,
+            reference_style=reference_style,
+        )
         self.train_size, self.val_size = train_size, val_size
-        self.num_steps, self.max_start, self.max_change = list(num_steps), max_start, max_change
-        self.reference_style = reference_style
 
     def build_splits(self) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-        # Validation is drawn first from its own stream so it does not change when train_size does.
-        task = (self.num_steps, self.max_start, self.max_change)
-        style = self.reference_style
-        val = generate_examples(self.val_size, self.task_seed * 2 + 1, *task, reference_style=style)
-        held_out = {example["problem"] for example in val}
-        train = generate_examples(
-            self.train_size, self.task_seed * 2, *task, exclude=held_out, reference_style=style
-        )
-        return train, val
+        val = self.task.heldout_rows(self.val_size)
+        return self.task.training_rows(self.train_size, heldout=val), val

@@ -1,7 +1,9 @@
 """Raw-text data modules: every batch is `{"problem", "solution", "answer"}` as lists of str.
 
 Chat templates and tokenization happen in the algorithm module, so data modules stay tokenizer-free and
-any source that yields these three fields can be swapped in from the `data` config group.
+any source that yields these three fields can be swapped in from the `data` config group. The one use of
+the run's renderer here is the prompt budget: `connect(renderer)` hands it over, and `setup` fits the
+training rows to `context.max_prompt_tokens` once.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence, Sized
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import lightning as L
 import torch
@@ -20,6 +22,10 @@ from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from opsd_lightning.data.file_errors import describe_error, find_bad_file
+from opsd_lightning.prompt_budget import fit_rows
+
+if TYPE_CHECKING:
+    from opsd_lightning.contexts import ContextRenderer
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +113,16 @@ class RawTextDataModule(L.LightningDataModule, ABC):
         self.seed = seed
         self.train_rows: Sequence[dict[str, str]] | None = None
         self.val_rows: Sequence[dict[str, str]] | None = None
+        self.renderer: ContextRenderer | None = None
+        # What the prompt budget did to the training rows: {"dropped": n, "truncated": n}; None until
+        # `setup` has applied a connected renderer's limit.
+        self.overlong_counts: dict[str, int] | None = None
         self._resume: dict[str, int] | None = None
+
+    def connect(self, renderer: ContextRenderer) -> None:
+        """Hand over the run's prompt renderer: the next `setup` fits the training rows to its prompt
+        budget (`context.max_prompt_tokens` and `context.overlong`), once, and keeps the counts."""
+        self.renderer = renderer
 
     def state_dict(self) -> dict[str, int]:
         """The data position, saved in checkpoints: the epoch and the batches of it already trained on."""
@@ -128,6 +143,30 @@ class RawTextDataModule(L.LightningDataModule, ABC):
         # Lightning calls setup for every stage (fit, validate, test); the rows are the same for all.
         if self.train_rows is None:
             self.train_rows, self.val_rows = self.build_splits()
+        limit = self.renderer.budget.max_prompt_tokens if self.renderer is not None else None
+        if limit is not None and self.overlong_counts is None:  # once: the fitted rows replace the rows
+            self.overlong_counts = self._fit_training_rows(self.renderer)
+
+    def _fit_training_rows(self, renderer: ContextRenderer) -> dict[str, int]:
+        """Apply `context.overlong` to the training rows; the counts, logged."""
+        rows, budget = self.train_rows, renderer.budget
+        self.train_rows, counts = fit_rows(renderer, rows)
+        if not self.train_rows:
+            raise ValueError(
+                f"all {len(rows)} training rows are over context.max_prompt_tokens="
+                f"{budget.max_prompt_tokens} (context.overlong={budget.overlong}); raise the limit"
+            )
+        if counts["dropped"] or counts["truncated"]:
+            logger.warning(
+                "context.max_prompt_tokens=%d: %d of %d training rows dropped, %d with a truncated reference "
+                "solution (context.overlong=%s)",
+                budget.max_prompt_tokens,
+                counts["dropped"],
+                len(rows),
+                counts["truncated"],
+                budget.overlong,
+            )
+        return counts
 
     def train_dataloader(self) -> DataLoader:
         rows = self._rows("train_rows")
@@ -344,18 +383,39 @@ class ReasoningDataModule(RawTextDataModule):
         )
 
     def _resolve_columns(self, dataset: Dataset) -> dict[str, str | None]:
-        """Our field -> source column, with `answer` None when the source has none; raises on a gap."""
-        available = dataset.column_names
-        resolved = dict(self.columns)
-        if resolved["answer"] not in available and resolved["answer"] == _DEFAULT_COLUMNS["answer"]:
-            resolved["answer"] = None
-        for field, column in resolved.items():
-            if column is not None and column not in available:
+        return resolve_columns(
+            self.columns, dataset.column_names, self.source, "data.columns", optional=OPTIONAL_FIELDS
+        )
+
+
+def resolve_columns(
+    columns: Mapping[str, str | None],
+    available: Sequence[str],
+    source: str,
+    option: str,
+    optional: Collection[str] = (),
+    canonical_fallback: bool = False,
+) -> dict[str, str | None]:
+    """Our field -> the source column it is read from; a field mapped to None is not read.
+
+    A column the source lacks raises a ValueError naming the source, the available columns and the option
+    to set (`<option>.<field>`), except: with `canonical_fallback` (a local copy in our own layout), a
+    column named like the field is read instead; and an `optional` field left at its own name is None.
+    """
+    resolved: dict[str, str | None] = {}
+    for field, column in columns.items():
+        if column is not None and column not in available:
+            if canonical_fallback and field in available:
+                column = field
+            elif field in optional and column == field:
+                column = None
+            else:
                 raise ValueError(
-                    f"{self.source} has no column {column!r} for field {field!r}; available columns: "
-                    f"{available}. Map it with `columns: {{{field}: <column>}}`."
+                    f"{source} has no column {column!r} for field {field!r}; available columns: "
+                    f"{list(available)}. Set {option}.{field}=<column>."
                 )
-        return resolved
+        resolved[field] = column
+    return resolved
 
 
 def local_data_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], str]:

@@ -1,8 +1,8 @@
 """Answers, grading, benchmarks, metrics and the evaluation loop."""
 
-from opsd_lightning.evaluation.benchmarks import ArithBenchmark, Benchmark
+from opsd_lightning.evaluation.benchmarks import ArithBenchmark, Benchmark, DatasetBenchmark, HeldOutSplit
 from opsd_lightning.evaluation.grading import answers_equivalent, extract_answer, grade
-from opsd_lightning.evaluation.loaders import HeldOutSplit, WithBenchmarks
+from opsd_lightning.evaluation.loaders import WithBenchmarks
 from opsd_lightning.evaluation.metrics import BenchmarkMetrics, majority_vote, pass_at_k
 from opsd_lightning.evaluation.runner import EvalSettings, ProblemResult, score_problems
 
@@ -10,6 +10,7 @@ __all__ = [
     "ArithBenchmark",
     "Benchmark",
     "BenchmarkMetrics",
+    "DatasetBenchmark",
     "EvalSettings",
     "HeldOutSplit",
     "ProblemResult",

@@ -11,38 +11,10 @@ from collections.abc import Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
-from opsd_lightning.evaluation.benchmarks import take_subset
+from opsd_lightning.evaluation.benchmarks import Benchmark, Row
 
 
-class HeldOutSplit:
-    """The training datamodule's own validation split, as a benchmark named `heldout`."""
-
-    def __init__(self, name: str = "heldout", limit: int | None = None, seed: int = 0) -> None:
-        self.name, self.limit, self.seed = name, limit, seed
-
-    @property
-    def source(self) -> str:
-        return "the datamodule's validation split"
-
-    def load_from(self, datamodule: L.LightningDataModule) -> list[dict[str, str]]:
-        rows = getattr(datamodule, "val_rows", None)
-        if rows is None:  # any LightningDataModule: read its validation batches
-            rows = [
-                {key: batch[key][i] for key in ("problem", "answer", "solution") if key in batch}
-                for batch in datamodule.val_dataloader()
-                for i in range(len(batch["problem"]))
-            ]
-        if not rows:
-            raise ValueError("benchmark heldout: the datamodule has no validation rows (set its val size)")
-        rows = [
-            {"id": str(i), "problem": r["problem"], "answer": r.get("answer", "")}
-            | ({"solution": r["solution"]} if r.get("solution") else {})
-            for i, r in enumerate(rows)
-        ]
-        return take_subset(rows, self.limit, self.seed)
-
-
-def collate_problems(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+def collate_problems(rows: list[Row]) -> dict[str, list[str]]:
     """Problems for scoring; `solution` only when every row has one (for evaluation.context=teacher)."""
     batch = {key: [row[key] for row in rows] for key in ("id", "problem", "answer")}
     if rows and all(row.get("solution") for row in rows):
@@ -50,17 +22,34 @@ def collate_problems(rows: list[dict[str, str]]) -> dict[str, list[str]]:
     return batch
 
 
+def problem_batches(rows: list[Row], problems_per_batch: int) -> DataLoader:
+    """Benchmark rows in evaluation batches, in order."""
+    return DataLoader(rows, batch_size=problems_per_batch, collate_fn=collate_problems)
+
+
 class WithBenchmarks(L.LightningDataModule):
-    """Training from `datamodule`, validation/test on `benchmarks` (one dataloader each)."""
+    """Training from `datamodule`, validation/test on `benchmarks` (one dataloader each).
+
+    The trainer Lightning attaches to this wrapper is the wrapped datamodule's too: the training data
+    needs it for its shard under DDP and for the data position saved in checkpoints.
+    """
 
     def __init__(
-        self, datamodule: L.LightningDataModule, benchmarks: Sequence, problems_per_batch: int
+        self, datamodule: L.LightningDataModule, benchmarks: Sequence[Benchmark], problems_per_batch: int
     ) -> None:
+        self.datamodule = datamodule  # first: LightningDataModule.__init__ sets `trainer`, forwarded to it
         super().__init__()
-        self.datamodule = datamodule
         self.benchmarks = list(benchmarks)
         self.problems_per_batch = problems_per_batch
-        self.rows: dict[str, list[dict[str, str]]] = {}
+        self.rows: dict[str, list[Row]] = {}
+
+    @property
+    def trainer(self) -> L.Trainer | None:
+        return self.datamodule.trainer
+
+    @trainer.setter
+    def trainer(self, trainer: L.Trainer | None) -> None:
+        self.datamodule.trainer = trainer
 
     @property
     def names(self) -> list[str]:
@@ -70,29 +59,19 @@ class WithBenchmarks(L.LightningDataModule):
         self.datamodule.setup(stage)
         for benchmark in self.benchmarks:
             if benchmark.name not in self.rows:
-                load = getattr(benchmark, "load_from", None)
-                self.rows[benchmark.name] = load(self.datamodule) if load else benchmark.load()
+                self.rows[benchmark.name] = benchmark.load(self.datamodule)
 
     def train_dataloader(self):
-        return self._inner().train_dataloader()
+        return self.datamodule.train_dataloader()
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(self.rows[name], batch_size=self.problems_per_batch, collate_fn=collate_problems)
-            for name in self.names
-        ]
+        return [problem_batches(self.rows[name], self.problems_per_batch) for name in self.names]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        return self._inner().state_dict()
+        return self.datamodule.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._inner().load_state_dict(state_dict)
-
-    def _inner(self) -> L.LightningDataModule:
-        # Lightning attaches the trainer to this wrapper only; the training data needs it too, for its
-        # shard under DDP and for the data position saved in checkpoints.
-        self.datamodule.trainer = self.trainer
-        return self.datamodule
+        self.datamodule.load_state_dict(state_dict)

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from opsd_lightning.evaluation.runner import ProblemResult
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -71,10 +75,11 @@ def _exact_match(first: str, second: str) -> bool:
 class BenchmarkMetrics(Metric):
     """avg@n, pass@k, maj@k, format rate, mean completion length and truncation rate of a benchmark.
 
-    `update` takes, per problem, the n sampled completions' correctness, extracted answers (None when none
-    was found), lengths in tokens and truncation flags. "avg@n" is named literally: n is the number of
-    samples per problem, and the value is the mean correctness over all samples of all problems. pass@k
-    and maj@k only average over problems with at least k samples; maj@k votes over the first k samples.
+    `update` takes scored problems (`ProblemResult`s): per problem, the n sampled completions' correctness,
+    extracted answers (None when none was found), lengths in tokens and truncation flags. "avg@n" is named
+    literally: n is the number of samples per problem, and the value is the mean correctness over all
+    samples of all problems. pass@k and maj@k only average over problems with at least k samples; maj@k
+    votes over the first k samples.
     Metrics with no data compute to nan. See the module docstring for logging from a LightningModule.
 
     Args:
@@ -116,39 +121,29 @@ class BenchmarkMetrics(Metric):
         for name in ("pass_sum", "maj_sum", "problem_count"):
             self.add_state(name, default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        correct: Sequence[Sequence[bool]],
-        answers: Sequence[Sequence[str | None]],
-        lengths: Sequence[Sequence[int]],
-        truncated: Sequence[Sequence[bool]],
-    ) -> None:
-        """Add a batch of problems; each argument lists, per problem, the values of its n samples."""
-        if not len(correct) == len(answers) == len(lengths) == len(truncated):
-            raise ValueError("correct, answers, lengths and truncated must hold the same number of problems")
+    def update(self, results: Sequence[ProblemResult]) -> None:
+        """Add a batch of scored problems (each with the values of its n samples)."""
         correct_sum = sample_count = format_sum = length_sum = truncated_sum = 0
         pass_sum = [0.0] * len(self.ks)
         maj_sum = [0] * len(self.ks)
         problem_count = [0] * len(self.ks)
-        for problem_correct, problem_answers, problem_lengths, problem_truncated in zip(
-            correct, answers, lengths, truncated, strict=True
-        ):
-            n = len(problem_correct)
-            if n == 0 or not n == len(problem_answers) == len(problem_lengths) == len(problem_truncated):
+        for result in results:
+            n = len(result.correct)
+            if n == 0 or not n == len(result.answers) == len(result.lengths) == len(result.truncated):
                 raise ValueError("every problem needs the same number (>= 1) of flags, answers and lengths")
-            c = sum(bool(flag) for flag in problem_correct)
+            c = sum(bool(flag) for flag in result.correct)
             correct_sum += c
             sample_count += n
-            format_sum += sum(answer is not None for answer in problem_answers)
-            length_sum += sum(int(length) for length in problem_lengths)
-            truncated_sum += sum(bool(flag) for flag in problem_truncated)
+            format_sum += sum(answer is not None for answer in result.answers)
+            length_sum += sum(int(length) for length in result.lengths)
+            truncated_sum += sum(bool(flag) for flag in result.truncated)
             for index, k in enumerate(self.ks):
                 if n < k:
                     continue
                 problem_count[index] += 1
                 pass_sum[index] += pass_at_k(n, c, k)
                 # The first k samples, not a random subset, so maj@k is deterministic.
-                maj_sum[index] += majority_vote(problem_answers[:k], problem_correct[:k], self.equivalent)
+                maj_sum[index] += majority_vote(result.answers[:k], result.correct[:k], self.equivalent)
         for name, value in (
             ("correct_sum", correct_sum),
             ("sample_count", sample_count),

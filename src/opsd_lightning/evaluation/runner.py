@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.grading import extract_answer, grade
+from opsd_lightning.options import build_settings
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts
 
 
@@ -33,8 +34,7 @@ class EvalSettings:
     context: str = "student"  # "teacher": the reference solution in view (an upper bound for OPSD)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sampling, Mapping):
-            self.sampling = SamplingConfig(**self.sampling)
+        self.sampling = build_settings(SamplingConfig, self.sampling, "sampling")
         if self.num_samples < 1:
             raise ValueError(f"evaluation.num_samples={self.num_samples} must be >= 1")
         bad = [k for k in self.ks if not 1 <= k <= self.num_samples]

@@ -5,12 +5,15 @@ weight, and forms fp32 logits for `chunk_size` positions at a time. Peak memory 
 instead of O(N × V); `naive_divergence_sum` is the one-go reference with the same numbers.
 Gradients w.r.t. each chunk's logits come from a closed form for the unclipped KL family and from
 autograd through `per_token` otherwise; for `TopK` the student's logits are formed at the teacher's top-k
-entries only.
+entries only. The chunked sum chooses its own dtypes: an outer autocast (Lightning's `*-mixed` precision)
+is switched off inside it, forward and backward, so it gives the same numbers with or without one.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,23 +27,44 @@ from opsd_lightning.losses.divergences import Divergence, ForwardKL, Generalized
 __all__ = ["LossSettings", "chunked_divergence_sum", "naive_divergence_sum"]
 
 
+_BACKENDS = ("chunked", "full_logits")
+# Old names still accepted for one release, with a FutureWarning naming the new one.
+_DEPRECATED_BACKENDS = {"naive": "full_logits"}
+
+
 @dataclass
 class LossSettings:
     """How OPSD computes its divergence (`algorithm.loss`).
 
     `backend`: `chunked` (hidden states, logits `chunk_size` positions at a time: memory O(chunk × V))
-    or `naive` (full `[tokens, V]` logits for both contexts; the reference, and for models whose logits
-    are not `hidden · Wᵀ + b`, e.g. soft-capped ones).
+    or `full_logits` (full `[tokens, V]` logits from the model for both contexts; the reference, and for
+    models whose logits are not `hidden · Wᵀ + b`, e.g. soft-capped ones). `naive` is its deprecated name.
     """
 
     backend: str = "chunked"
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
-        if self.backend not in ("chunked", "naive"):
-            raise ValueError(f"algorithm.loss.backend={self.backend!r}: use 'chunked' or 'naive'")
+        if self.backend in _DEPRECATED_BACKENDS:
+            new_name = _DEPRECATED_BACKENDS[self.backend]
+            warnings.warn(
+                f"algorithm.loss.backend={self.backend!r} is deprecated and will be removed in the next "
+                f"release: use algorithm.loss.backend={new_name!r} (the same loss)",
+                FutureWarning,
+                stacklevel=3,  # the caller that built the settings, past the dataclass __init__
+            )
+            self.backend = new_name
+        if self.backend not in _BACKENDS:
+            accepted = " or ".join(repr(name) for name in _BACKENDS)
+            raise ValueError(f"algorithm.loss.backend={self.backend!r}: use {accepted}")
         if self.chunk_size < 1:
             raise ValueError(f"algorithm.loss.chunk_size={self.chunk_size} must be >= 1")
+
+
+def _autocast_off(device: torch.device) -> AbstractContextManager:
+    """No autocast on `device` in this block: under an outer bf16/fp16 autocast the logits would be rounded
+    to it and clash with the float32 grad buffers (`mm(..., out=)` refuses a bf16 result)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -247,27 +271,28 @@ def _chunked_pass(
     )
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(weight.shape[:1], dtype=dtype, device=weight.device) if need_bias else None
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        end = start + chunk_size
-        student_chunk = student_hidden[start:end].detach()
-        teacher_chunk = teacher_hidden[start:end].detach()
-        teacher_head = (teacher_weight_c, teacher_bias_c)
-        logits = _chunk_logits(
-            divergence, student_chunk, teacher_chunk, weight_c, bias_c, *teacher_head, dtype
-        )
-        if any(needs_grad):
-            chunk_total, logit_grad = _value_and_logit_grad(logits, token_ids[start:end])
-            grad_hidden_chunk = None if grad_hidden is None else grad_hidden[start:end]
-            grads = (grad_hidden_chunk, grad_weight, grad_bias)
-            _lm_head_backward(logits, logit_grad, student_chunk.to(dtype), weight_c, *grads)
-            del logit_grad
-        else:
-            chunk_total = logits.divergence.per_token(
-                logits.student, logits.teacher, token_ids[start:end]
-            ).sum()
-        total += chunk_total
-        # Free this chunk's [c, V] buffers before the next chunk allocates its own.
-        del logits
+    with _autocast_off(student_hidden.device):
+        for start in range(0, student_hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            student_chunk = student_hidden[start:end].detach()
+            teacher_chunk = teacher_hidden[start:end].detach()
+            teacher_head = (teacher_weight_c, teacher_bias_c)
+            logits = _chunk_logits(
+                divergence, student_chunk, teacher_chunk, weight_c, bias_c, *teacher_head, dtype
+            )
+            if any(needs_grad):
+                chunk_total, logit_grad = _value_and_logit_grad(logits, token_ids[start:end])
+                grad_hidden_chunk = None if grad_hidden is None else grad_hidden[start:end]
+                grads = (grad_hidden_chunk, grad_weight, grad_bias)
+                _lm_head_backward(logits, logit_grad, student_chunk.to(dtype), weight_c, *grads)
+                del logit_grad
+            else:
+                chunk_total = logits.divergence.per_token(
+                    logits.student, logits.teacher, token_ids[start:end]
+                ).sum()
+            total += chunk_total
+            # Free this chunk's [c, V] buffers before the next chunk allocates its own.
+            del logits
     return total, grad_hidden, grad_weight, grad_bias
 
 

@@ -52,6 +52,9 @@ class Divergence(ABC):
         self.temperature = temperature
         self.clip = clip
 
+    def check_vocabulary(self, vocabulary: int) -> None:  # noqa: B027 - most divergences fit any vocabulary
+        """Raise if this divergence cannot apply to a model with `vocabulary` tokens (e.g. top-k, k > V)."""
+
     @abstractmethod
     def per_token(self, student_logits: Tensor, teacher_logits: Tensor, token_ids: Tensor) -> Tensor:
         """Divergence at each of the N positions, shape [N]."""
@@ -174,6 +177,13 @@ class TopK(Divergence):
             )
         self.base = base
         self.k = k
+
+    def check_vocabulary(self, vocabulary: int) -> None:
+        if self.k > vocabulary:
+            raise ValueError(
+                f"divergence.k={self.k} exceeds the model's vocabulary of {vocabulary} tokens; "
+                f"use 1 <= divergence.k <= {vocabulary}"
+            )
 
     @property
     def temperature(self) -> float:

@@ -1,0 +1,87 @@
+"""Option ranges are checked once, by the settings objects the modules build; the pre-flight check builds
+those same objects from the resolved config, so it reports exactly what the module would, before loading."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hydra.errors import InstantiationException
+
+from .conftest import build_small_tiny
+from .test_configs import compose_train
+
+
+def fails_before_loading(overrides: list[str], tmp_path, monkeypatch) -> str:
+    """The message `train()` stops with, asserting that no datamodule or model was built first."""
+    from opsd_lightning import train as train_module
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a model or datamodule was loaded before the bad option was reported")
+
+    monkeypatch.setattr(train_module, "instantiate_datamodule", must_not_load)
+    monkeypatch.setattr(train_module, "build_model", must_not_load)
+    with pytest.raises((ValueError, InstantiationException)) as caught:
+        train_module.train(compose_train(overrides, tmp_path))
+    return str(caught.value)
+
+
+GRPO_OPTIONS = [
+    ("group_size", 1, "algorithm.group_size=1"),
+    ("clip", 1.5, r"algorithm.clip=1.5 must be in \(0, 1\)"),
+    ("kl_coef", -0.1, "algorithm.kl_coef=-0.1 must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), GRPO_OPTIONS, ids=[o[0] for o in GRPO_OPTIONS])
+def test_grpo_options_fail_early_with_the_modules_own_message(name, value, message, tmp_path, monkeypatch):
+    from opsd_lightning.algorithms import GRPOModule
+    from opsd_lightning.contexts import ContextRenderer
+
+    early = fails_before_loading(["algorithm=grpo", f"algorithm.{name}={value}"], tmp_path, monkeypatch)
+    assert early.count(message.replace("\\", "")) == 1 or pytest.fail(early)
+    loaded = build_small_tiny()
+    with pytest.raises(ValueError) as late:
+        GRPOModule(
+            model=loaded.model,
+            tokenizer=loaded.tokenizer,
+            contexts=ContextRenderer(loaded.tokenizer),
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+            **{name: value},
+        )
+    assert str(late.value) == early  # one message, written once
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+algorithm.rationale_sampling.top_p=0",
+            r"algorithm.rationale_sampling.top_p=0 must be in \(0, 1\]",
+        ),
+        ("algorithm.sampling.top_k=-1", "algorithm.sampling.top_k=-1 must be >= 0"),
+        ("evaluation.sampling.max_new_tokens=0", "evaluation.sampling.max_new_tokens=0 must be >= 1"),
+        ("algorithm.loss.backend=dense", "algorithm.loss.backend='dense'"),
+        ("algorithm.accumulate_grad_batches=1.5", "algorithm.accumulate_grad_batches=1.5 must be an integer"),
+    ],
+)
+def test_nested_options_are_named_by_their_full_path(override, message, tmp_path, monkeypatch):
+    assert pytest.importorskip("re").search(message, fails_before_loading([override], tmp_path, monkeypatch))
+
+
+def test_sft_checks_only_the_options_it_has(tmp_path):
+    from opsd_lightning.checks import check_config
+
+    check_config(compose_train(["algorithm=sft"], tmp_path))  # no sampling to check, nothing raised
+
+
+def test_a_user_algorithm_without_check_options_is_not_checked_by_us(tmp_path):
+    from omegaconf import open_dict
+
+    from opsd_lightning.checks import check_config
+
+    cfg = compose_train([], tmp_path)
+    with open_dict(cfg):
+        cfg.algorithm._target_ = "lightning.LightningModule"
+    check_config(cfg)
