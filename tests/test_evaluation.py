@@ -17,9 +17,8 @@ from transformers import AutoTokenizer
 
 from opsd_lightning._paths import config_dir
 from opsd_lightning.contexts import ContextRenderer
-from opsd_lightning.evaluation import runner
 from opsd_lightning.evaluation.runner import EvalSettings, score_problems
-from opsd_lightning.rollout import Rollout
+from opsd_lightning.rollout import Rollout, RolloutEngine
 
 from .conftest import shared_path
 from .test_configs import compose_train
@@ -107,27 +106,33 @@ class _FakeModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
 
-@pytest.mark.parametrize("thinking", [True, False])
-def test_evaluation_prompt_is_the_chat_template_student_context(thinking, monkeypatch):
-    """With the real Qwen3 tokenizer, what evaluation feeds `generate` is exactly the chat template."""
-    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
-    tokenizer.padding_side = "left"
-    contexts = ContextRenderer(tokenizer, student_enable_thinking=thinking)
-    seen = {}
+class _RecordingEngine(RolloutEngine):
+    """An engine that records the prompt it is given and answers every row with `completion`."""
 
-    def fake_generate(model, prompt, sampling, eos_ids, pad_id, seed=None):
-        seen["prompt"] = prompt
-        completion = torch.tensor(tokenizer.encode("so \\boxed{4}<|im_end|>"))
-        ids = completion.repeat(prompt.input_ids.shape[0], 1)
+    def __init__(self, completion: list[int]) -> None:
+        self.completion, self.seen = completion, {}
+
+    def generate(self, model, prompt, sampling, eos_ids, pad_id, seed=None):
+        self.seen["prompt"] = prompt
+        ids = torch.tensor(self.completion).repeat(prompt.input_ids.shape[0], 1)
         return Rollout(
             ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool), 0.0
         )
 
-    monkeypatch.setattr(runner, "generate_rollouts", fake_generate)
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_evaluation_prompt_is_the_chat_template_student_context(thinking):
+    """With the real Qwen3 tokenizer, what evaluation feeds `generate` is exactly the chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
+    tokenizer.padding_side = "left"
+    contexts = ContextRenderer(tokenizer, student_enable_thinking=thinking)
+
+    engine = _RecordingEngine(tokenizer.encode("so \\boxed{4}<|im_end|>"))
     batch = {"id": ["a"], "problem": ["What is $2+2$?"], "answer": ["4"]}
     results = score_problems(
-        _FakeModel(), tokenizer, contexts, batch, EvalSettings(num_samples=2), [151645], 0
+        _FakeModel(), tokenizer, contexts, batch, EvalSettings(num_samples=2), [151645], 0, engine
     )
+    seen = engine.seen
     expected = tokenizer.apply_chat_template(
         [{"role": "user", "content": contexts.student_template.replace("{problem}", "What is $2+2$?")}],
         tokenize=False,
@@ -140,28 +145,20 @@ def test_evaluation_prompt_is_the_chat_template_student_context(thinking, monkey
     assert results[0].answers == ["4", "4"] and results[0].correct == [True, True]
 
 
-def test_teacher_context_evaluation_puts_the_reference_in_view_and_needs_one(monkeypatch):
+def test_teacher_context_evaluation_puts_the_reference_in_view_and_needs_one():
     tokenizer = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
     tokenizer.padding_side = "left"
     contexts = ContextRenderer(tokenizer)
-    seen = {}
-
-    def fake_generate(model, prompt, sampling, eos_ids, pad_id, seed=None):
-        seen["prompt"] = prompt
-        ids = torch.tensor(tokenizer.encode("\\boxed{4}<|im_end|>")).repeat(prompt.input_ids.shape[0], 1)
-        return Rollout(
-            ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool), 0.0
-        )
-
-    monkeypatch.setattr(runner, "generate_rollouts", fake_generate)
+    engine = _RecordingEngine(tokenizer.encode("\\boxed{4}<|im_end|>"))
+    seen = engine.seen
     settings = EvalSettings(num_samples=1, context="teacher")
     batch = {"id": ["a"], "problem": ["What is $2+2$?"], "answer": ["4"], "solution": ["2+2=4 REF"]}
-    score_problems(_FakeModel(), tokenizer, contexts, batch, settings, [151645], 0)
+    score_problems(_FakeModel(), tokenizer, contexts, batch, settings, [151645], 0, engine)
     row = seen["prompt"].input_ids[0][seen["prompt"].attention_mask[0].bool()].tolist()
     assert row == contexts.teacher_ids("What is $2+2$?", "2+2=4 REF")
     without = {k: v for k, v in batch.items() if k != "solution"}
     with pytest.raises(ValueError, match="evaluation.context=teacher needs reference solutions"):
-        score_problems(_FakeModel(), tokenizer, contexts, without, settings, [151645], 0)
+        score_problems(_FakeModel(), tokenizer, contexts, without, settings, [151645], 0, engine)
     with pytest.raises(ValueError, match="evaluation.context='oracle'"):
         EvalSettings(context="oracle")
 

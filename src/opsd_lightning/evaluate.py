@@ -17,6 +17,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -69,8 +70,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     eos_ids = eos_token_ids(model, loaded.tokenizer)
 
+    engine = instantiate(cfg.rollout) if cfg.get("rollout") else None  # loads the weights once, at first use
     score = functools.partial(
-        score_problems, model, loaded.tokenizer, contexts, settings=settings, eos_ids=eos_ids
+        score_problems, model, loaded.tokenizer, contexts, settings=settings, eos_ids=eos_ids, engine=engine
     )
     summary = {
         benchmark.name: score_benchmark(

@@ -30,7 +30,7 @@ from opsd_lightning.evaluation.metrics import BenchmarkMetrics
 from opsd_lightning.evaluation.runner import EvalSettings, as_settings, score_problems
 from opsd_lightning.models import eos_token_ids
 from opsd_lightning.options import build_settings
-from opsd_lightning.rollout import Rollout, SamplingConfig, generate_rollouts
+from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
 
 RAW_BATCH_KEYS = ("problem", "solution")
 
@@ -80,6 +80,8 @@ class PolicyModule(L.LightningModule):
         max_nonfinite_steps_in_a_row: an optimizer step whose loss or gradient is not finite (on any rank) is
             skipped and counted (`train/nonfinite_steps`); after this many in a row the run saves a
             checkpoint and stops with an error.
+        engine: what generates every rollout and evaluation sample (`conf/rollout/`: hf, vllm); told after
+            each optimizer step that the weights changed. Default: Hugging Face `generate`.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class PolicyModule(L.LightningModule):
         gradient_clip_val: float | None = 1.0,
         seed: int = 0,
         max_nonfinite_steps_in_a_row: int = 3,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
         steps = StepSettings(accumulate_grad_batches, gradient_clip_val, max_nonfinite_steps_in_a_row)
@@ -104,6 +107,7 @@ class PolicyModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.contexts = contexts
         self.sampling = build_settings(SamplingConfig, sampling, "algorithm.sampling")
+        self.engine = engine if engine is not None else HFEngine()
         self.evaluation = as_settings(evaluation)
         self.benchmarks = list(benchmarks)
         self.optimizer_factory = optimizer
@@ -171,7 +175,7 @@ class PolicyModule(L.LightningModule):
         return hash((self.seed, self.global_step, micro_index, self.global_rank)) % (2**31)
 
     def rollout(self, prompt: TokenBatch, sampling: SamplingConfig, seed: int | None) -> Rollout:
-        return generate_rollouts(
+        return self.engine.generate(
             self.model, prompt, sampling, self.eos_ids, self.tokenizer.pad_token_id, seed
         )
 
@@ -228,6 +232,7 @@ class PolicyModule(L.LightningModule):
             # no gradients, so that the step counter, the schedule and max_steps move on.
             optimizer.zero_grad(set_to_none=True)
         optimizer.step()
+        self.engine.weights_changed()  # on-policy: the next rollout must come from these weights
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -295,7 +300,7 @@ class PolicyModule(L.LightningModule):
         # samples, and before/after comparisons share their random numbers.
         seed = self.seed + batch_idx * self.evaluation.problems_per_batch
         results = score_problems(
-            self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed
+            self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed, self.engine
         )
         self.eval_metrics[f"{stage}_{dataloader_idx}"].update(results)
 
@@ -340,6 +345,7 @@ class PolicyModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.engine.weights_changed()  # the checkpoint's weights replace the ones the engine may hold
         self.generated_tokens = checkpoint.get("opsd_generated_tokens", 0)
         self.nonfinite_steps = checkpoint.get("opsd_nonfinite_steps", 0)
         rng = checkpoint.get("opsd_rng")

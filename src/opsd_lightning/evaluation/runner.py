@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.evaluation.grading import extract_answer, grade
 from opsd_lightning.options import build_settings
-from opsd_lightning.rollout import SamplingConfig, generate_rollouts
+from opsd_lightning.rollout import HFEngine, RolloutEngine, SamplingConfig
 
 
 @dataclass
@@ -87,8 +87,10 @@ def score_problems(
     settings: EvalSettings,
     eos_ids: Sequence[int],
     seed: int | None,
+    engine: RolloutEngine | None = None,
 ) -> list[ProblemResult]:
-    """Sample `num_samples` completions for each problem of a raw-text batch and grade them."""
+    """Sample `num_samples` completions for each problem of a raw-text batch (with `engine`, default
+    Hugging Face `generate`) and grade them."""
     k = settings.num_samples
     problems = list(batch["problem"])
     references = list(batch.get("answer") or [""] * len(problems))
@@ -105,7 +107,8 @@ def score_problems(
         prompt = contexts.teacher_batch(repeated, solutions).to(device)
     else:
         prompt = contexts.student_batch(repeated).to(device)
-    rollout = generate_rollouts(model, prompt, settings.sampling, eos_ids, tokenizer.pad_token_id, seed)
+    engine = engine if engine is not None else HFEngine()
+    rollout = engine.generate(model, prompt, settings.sampling, eos_ids, tokenizer.pad_token_id, seed)
     texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
     lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
     results = []

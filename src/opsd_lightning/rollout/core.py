@@ -1,15 +1,12 @@
-"""On-policy rollouts: sample completions from the student context and mark where each one ends."""
+"""What every rollout engine shares: sampling settings, and the `Rollout` result with its EOS/truncation
+semantics (a completion ends at its first EOS, inclusive; a row without one is truncated)."""
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from opsd_lightning.batches import TokenBatch
 
 
 @dataclass
@@ -79,52 +76,22 @@ def completion_mask_from_ids(
     return ~eos_seen_before, truncated
 
 
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Generation runs without dropout; whatever mode the model was in comes back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """A private RNG stream for sampling, so a rollout depends on (seed, step) and not on history."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-@torch.no_grad()
-def generate_rollouts(
-    model: torch.nn.Module,
-    prompt: TokenBatch,
-    sampling: SamplingConfig,
-    eos_ids: Sequence[int],
-    pad_id: int,
-    seed: int | None = None,
+def rollout_from_token_lists(
+    completions: Sequence[Sequence[int]], eos_ids: Sequence[int], pad_id: int, seconds: float
 ) -> Rollout:
-    """Sample one completion per prompt with `model.generate`; ids stay on the model's device."""
-    device = prompt.input_ids.device
-    start = time.perf_counter()
-    with eval_mode(model), seeded(seed, device):
-        output = model.generate(
-            input_ids=prompt.input_ids,
-            attention_mask=prompt.attention_mask,
-            max_new_tokens=sampling.max_new_tokens,
-            eos_token_id=list(eos_ids),
-            pad_token_id=pad_id,
-            **sampling.generate_kwargs(),
-        )
-    completion_ids = output[:, prompt.input_ids.shape[1] :]
-    completion_mask, truncated = completion_mask_from_ids(completion_ids, eos_ids)
-    # A sequence that hit the budget exactly on its EOS is complete; only EOS-less rows are truncated.
-    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
-    return Rollout(completion_ids, completion_mask, truncated, seconds=time.perf_counter() - start)
+    """A `Rollout` from per-row completion ids (an engine that returns lists, e.g. vLLM), with the semantics
+    of `generate_rollouts`: each row is cut after its first EOS, right-padded with `pad_id`, and truncated
+    when it has no EOS (read from the row itself, so a pad id that is also an EOS id cannot end a row)."""
+    eos = set(eos_ids)
+    rows = []
+    for ids in completions:
+        ends = [index for index, token in enumerate(ids) if token in eos]
+        rows.append(list(ids[: ends[0] + 1]) if ends else list(ids))
+    width = max((len(ids) for ids in rows), default=0)
+    completion_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for row, ids in enumerate(rows):
+        completion_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        completion_mask[row, : len(ids)] = True
+    truncated = torch.tensor([not any(token in eos for token in ids) for ids in rows], dtype=torch.bool)
+    return Rollout(completion_ids, completion_mask, truncated, seconds)
