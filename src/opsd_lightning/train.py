@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         benchmarks=data.names,
         _convert_="all",
     )
+    module.engine.check_model(module.model)  # e.g. rollout=vllm with a head size its CPU build rejects
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

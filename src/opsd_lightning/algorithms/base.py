@@ -243,6 +243,8 @@ class PolicyModule(L.LightningModule):
         self.log("train/loss", loss_sum / max(num_tokens, 1.0), prog_bar=True)
         self.log("train/trained_tokens", num_tokens)
         self.log("train/step_seconds", step_seconds)
+        if self.engine.last_sync_seconds is not None:  # the weights copied into the engine before this step
+            self.log("train/weight_sync_seconds", self.engine.last_sync_seconds)
         self.log("train/generated_tokens_total", float(self.generated_tokens), prog_bar=True)
         # The same accounting for every algorithm, so runs compare on cost as well as accuracy.
         self.log("train/optimizer_steps", float(self.global_step))

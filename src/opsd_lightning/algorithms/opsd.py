@@ -13,8 +13,10 @@ training_step, per batch (see `PolicyModule` for the step-level reduction):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule
 from opsd_lightning.algorithms.settings import MicroBatchSettings
@@ -104,7 +106,8 @@ class OPSDModule(PolicyModule):
                 loss_mask[rows],
             )
             if len(slices) > 1:
-                self.manual_backward(part)  # frees this slice's graph before the next one
+                with self.gradient_sync(rows is slices[-1]):
+                    self.manual_backward(part)  # frees this slice's graph before the next one
                 part = part.detach()
             loss_sum = loss_sum + part
             num_tokens = num_tokens + loss_mask[rows].sum().cpu()
@@ -118,6 +121,14 @@ class OPSDModule(PolicyModule):
         return MicroBatchLoss(
             loss_sum=loss_sum, num_tokens=num_tokens, stats=stats, backward_done=len(slices) > 1
         )
+
+    def gradient_sync(self, sync: bool) -> AbstractContextManager:
+        """Around a backward: with `sync=False` under DDP its gradients only accumulate locally (`no_sync`),
+        and the next synced backward all-reduces their sum. A no-op on one device or another strategy."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if sync or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
 
     def row_slices(self, num_rows: int) -> list[slice]:
         size = self.micro_batch_size or num_rows

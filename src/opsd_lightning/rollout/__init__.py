@@ -8,12 +8,14 @@ from opsd_lightning.rollout.core import (
 )
 from opsd_lightning.rollout.engine import RolloutEngine
 from opsd_lightning.rollout.hf import HFEngine, eval_mode, generate_rollouts, seeded
+from opsd_lightning.rollout.vllm import VLLMEngine
 
 __all__ = [
     "HFEngine",
     "Rollout",
     "RolloutEngine",
     "SamplingConfig",
+    "VLLMEngine",
     "completion_mask_from_ids",
     "eval_mode",
     "generate_rollouts",

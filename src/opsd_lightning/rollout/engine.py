@@ -20,6 +20,12 @@ from opsd_lightning.rollout.core import Rollout, SamplingConfig
 class RolloutEngine(ABC):
     """Generates one completion per prompt row from `model`'s current weights."""
 
+    # Seconds the latest copy of the weights into the engine took; None for an engine that reads the model.
+    last_sync_seconds: float | None = None
+
+    def check_model(self, model: torch.nn.Module) -> None:  # noqa: B027 - most engines run any model
+        """Raise, naming the way out, if this engine cannot generate from `model` (before any training)."""
+
     @abstractmethod
     def generate(
         self,
