@@ -47,7 +47,7 @@ class PromptBudget:
             raise ValueError(
                 f"a rendered prompt has {length} tokens, over context.max_prompt_tokens="
                 f"{self.max_prompt_tokens} (training rows are fitted by context.overlong; this prompt came "
-                "from elsewhere, e.g. a benchmark or a datamodule without train_rows)"
+                "from elsewhere, e.g. a benchmark or a datamodule without connect(renderer))"
             )
 
 
