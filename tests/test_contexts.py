@@ -239,24 +239,5 @@ def test_a_bare_renderer_renders_the_configured_default_context(tiny):
     names = ("student_template", "teacher_template", "rationale_template", "rationale_followup")
     names += ("system_prompt", "student_enable_thinking", "teacher_enable_thinking", "budget")
     assert {n: getattr(bare, n) for n in names} == {n: getattr(configured, n) for n in names}
-    # The teacher's transition instruction ends with the reason-first follow-up turn (one sentence, once).
+    # The teacher's transition and reason-first's follow-up turn read alike; each is written out whole.
     assert bare.teacher_template.endswith("behind each step. " + bare.rationale_followup)
-
-
-def test_a_connected_datamodule_fits_its_training_rows_once(tiny, caplog):
-    from opsd_lightning.data import ArithDataModule
-
-    data = ArithDataModule(train_size=32, val_size=4, batch_size=2, seed=0)
-    data.setup("fit")
-    plain = ContextRenderer(tiny.tokenizer)
-    lengths = sorted(len(plain.teacher_ids(r["problem"], r["solution"])) for r in data.train_rows)
-    limit = lengths[len(lengths) // 2]  # half of the rows are over it
-    data.connect(ContextRenderer(tiny.tokenizer, max_prompt_tokens=limit))
-    with caplog.at_level("WARNING"):
-        data.setup("fit")
-        data.setup("validate")  # Lightning calls setup per stage; the rows are fitted once
-    over = sum(length > limit for length in lengths)
-    assert over > 0 and data.overlong_counts == {"dropped": 0, "truncated": over}
-    assert len(data.train_rows) == 32
-    assert all(len(plain.teacher_ids(r["problem"], r["solution"])) <= limit for r in data.train_rows)
-    assert caplog.text.count(f"{over} with a truncated reference solution") == 1
