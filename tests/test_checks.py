@@ -85,3 +85,9 @@ def test_a_user_algorithm_without_check_options_is_not_checked_by_us(tmp_path):
     with open_dict(cfg):
         cfg.algorithm._target_ = "lightning.LightningModule"
     check_config(cfg)
+
+
+def test_rollout_options_fail_before_anything_is_loaded(tmp_path, monkeypatch):
+    # With vLLM installed the range error; without it, the error naming the extra: both before any loading.
+    message = fails_before_loading(["rollout=vllm", "rollout.max_num_seqs=0"], tmp_path, monkeypatch)
+    assert "rollout.max_num_seqs=0 must be >= 1" in message or "rollout=vllm needs vLLM" in message

@@ -31,8 +31,9 @@ def check_config(cfg: DictConfig) -> None:
     """
     _check_one_choice_per_group()
     divergence = instantiate(cfg.divergence) if cfg.get("divergence") else None
-    if cfg.get("teacher"):
-        instantiate(cfg.teacher)
+    for group in ("teacher", "rollout"):  # their constructors hold their ranges; engines start lazily
+        if cfg.get(group):
+            instantiate(cfg[group])
     build_settings(EvalSettings, _resolved(cfg.evaluation), "evaluation")
     algorithm = get_class(cfg.algorithm._target_)
     if hasattr(algorithm, "check_options"):  # a user's own LightningModule may have none
