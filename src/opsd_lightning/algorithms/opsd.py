@@ -7,13 +7,15 @@ training_step, per batch (see `PolicyModule` for the step-level reduction):
              -> [teacher prompt | completion] -> teacher hidden states (no grad, no dropout)
              -> [student prompt | completion] -> student hidden states (grad)
              -> per-token divergence on every completion token (EOS included, pads masked), with
-                logits computed a chunk of positions at a time from the hidden states and the LM head
+                logits computed a chunk of positions at a time from the hidden states and the LM head,
+                times the token weights (`weighting`), plus diagnostics of both distributions (no grad)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
@@ -21,8 +23,9 @@ from lightning.pytorch.strategies import ParallelStrategy
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule
 from opsd_lightning.algorithms.settings import MicroBatchSettings
 from opsd_lightning.batches import TokenBatch, build_scoring_batch
-from opsd_lightning.losses import Divergence, masked_token_sum
-from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum
+from opsd_lightning.losses import Divergence, TokenDiagnostics, TokenFeatures, TokenWeighting
+from opsd_lightning.losses.chunked import LossSettings, chunked_objective_sum
+from opsd_lightning.losses.objective import objective_sum
 from opsd_lightning.options import build_settings
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts
 from opsd_lightning.scoring import causal_lm_parts, completion_hidden, completion_logits, output_layer
@@ -30,6 +33,15 @@ from opsd_lightning.teachers import DynamicTeacher, Teacher
 
 # Reason-first explanations when `rationale_sampling` is not given: greedy and short.
 GREEDY_RATIONALE = {"temperature": 0.0, "max_new_tokens": 64}
+
+
+@dataclass
+class DivergenceSum:
+    """`divergence_sum`'s result: the summed per-token objective of some rows (student grad only) and, when
+    diagnostics are on, their per-token diagnostic sums (`TokenDiagnostics`: addable, `.means()` to log)."""
+
+    loss_sum: torch.Tensor
+    diagnostics: TokenDiagnostics | None = None
 
 
 class OPSDModule(PolicyModule):
@@ -46,6 +58,11 @@ class OPSDModule(PolicyModule):
         loss: how the divergence is computed (`LossSettings`): `backend` `chunked` (default; logits from
             hidden states a chunk of `chunk_size` positions at a time) or `full_logits`.
         micro_batch_size: rows per forward/backward; the whole batch is generated at once (None = all).
+        weighting: per-token weights of the divergence and an optional added forward-KL term
+            (`conf/weighting/`: none, position, entropy); None = none.
+        diagnostics: log `train/diag/...` (entropies, top-1 agreement, teacher mass on the student's
+            top-k, clip fraction, divergence by position quarter), computed without grad from the loss's
+            logits.
     """
 
     flat_settings = (*PolicyModule.flat_settings, MicroBatchSettings)
@@ -65,6 +82,8 @@ class OPSDModule(PolicyModule):
         rationale_sampling: SamplingConfig | Mapping | None = None,
         loss: LossSettings | Mapping | None = None,
         micro_batch_size: int | None = None,
+        weighting: TokenWeighting | None = None,
+        diagnostics: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -81,6 +100,8 @@ class OPSDModule(PolicyModule):
         self.teacher = teacher if teacher is not None else DynamicTeacher()
         self.teacher.attach(self.model)
         self.mask_truncated = mask_truncated
+        self.weighting = weighting
+        self.diagnostics = diagnostics
 
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
         # One generation for the whole batch; scoring and backward then go `micro_batch_size` rows at a
@@ -89,22 +110,29 @@ class OPSDModule(PolicyModule):
         rollout = self.rollout(student_prompt, self.sampling, seed=self.rollout_seed(micro_index))
         generated = self.count_generated(rollout)
         rationales = self.teacher_rationales(batch, micro_index) if self.reason_first else None
-        teacher_prompt = self.contexts.teacher_batch(batch["problem"], batch["solution"], rationales)
-        teacher_prompt = teacher_prompt.to(self.device)
+        if self.teacher.privileged_context:
+            teacher_prompt = self.contexts.teacher_batch(batch["problem"], batch["solution"], rationales)
+            teacher_prompt = teacher_prompt.to(self.device)
+        else:  # classic distillation: a separate teacher model sees what the student sees
+            teacher_prompt = student_prompt
         loss_mask = rollout.completion_mask
         if self.mask_truncated:
             loss_mask = loss_mask & ~rollout.truncated[:, None]
 
         slices = self.row_slices(len(batch["problem"]))
         loss_sum, num_tokens = torch.zeros((), device=self.device), torch.zeros((), dtype=torch.long)
+        diagnostics: TokenDiagnostics | None = None
         for rows in slices:
-            part = self.divergence_sum(
+            result = self.divergence_sum(
                 student_prompt.rows(rows),
                 teacher_prompt.rows(rows),
                 rollout.completion_ids[rows],
                 rollout.completion_mask[rows],
                 loss_mask[rows],
             )
+            part = result.loss_sum
+            if result.diagnostics is not None:
+                diagnostics = result.diagnostics if diagnostics is None else diagnostics + result.diagnostics
             if len(slices) > 1:
                 with self.gradient_sync(rows is slices[-1]):
                     self.manual_backward(part)  # frees this slice's graph before the next one
@@ -118,6 +146,8 @@ class OPSDModule(PolicyModule):
             # All ranks generate at once: the global token count over this rank's rollout time.
             "rollout_tokens_per_s": generated / max(rollout.seconds, 1e-9),
         }
+        if diagnostics is not None:
+            stats.update(diagnostics.means())
         return MicroBatchLoss(
             loss_sum=loss_sum, num_tokens=num_tokens, stats=stats, backward_done=len(slices) > 1
         )
@@ -141,24 +171,27 @@ class OPSDModule(PolicyModule):
         completion_ids: torch.Tensor,
         completion_mask: torch.Tensor,
         loss_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """Sum of the per-token divergence over the `loss_mask` tokens of these rows (student grad only)."""
+    ) -> DivergenceSum:
+        """The per-token objective summed over the `loss_mask` tokens of these rows (student grad only), and
+        their diagnostic sums when `diagnostics` is on."""
         student_batch = build_scoring_batch(student_prompt, completion_ids, completion_mask)
         teacher_batch = build_scoring_batch(teacher_prompt, completion_ids, completion_mask)
         token_ids = completion_ids[loss_mask]
+        features = completion_features(completion_mask, loss_mask)
+        options = {"weighting": self.weighting, "features": features, "diagnostics": self.diagnostics}
         if self.loss.backend == "full_logits":
             with self.teacher.scoring(self.model) as teacher:
                 teacher_logits = completion_logits(teacher.model, teacher_batch)[loss_mask]
             student_logits = completion_logits(self.model, student_batch)[loss_mask]
-            per_token = self.divergence.per_token(student_logits, teacher_logits, token_ids)
-            return masked_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool))[0]
+            result = objective_sum(student_logits, teacher_logits, token_ids, self.divergence, **options)
+            return DivergenceSum(result.loss_sum, result.diagnostics)
 
         # Hidden states, and logits a chunk of positions at a time: never [tokens, vocab] at once.
         _, head = causal_lm_parts(self.model)
         with self.teacher.scoring(self.model) as teacher:
             teacher_hidden = completion_hidden(teacher.model, teacher_batch)[loss_mask]
         student_hidden = completion_hidden(self.model, student_batch)[loss_mask]
-        return chunked_divergence_sum(
+        result = chunked_objective_sum(
             student_hidden,
             teacher_hidden,
             head.weight,
@@ -168,7 +201,9 @@ class OPSDModule(PolicyModule):
             bias=head.bias,
             teacher_weight=teacher.head_weight,
             teacher_bias=teacher.head_bias,
+            **options,
         )
+        return DivergenceSum(result.loss_sum, result.diagnostics)
 
     def teacher_rationales(self, batch: Mapping, micro_index: int) -> list[str]:
         """Reason-first: the teacher's explanation of each reference, as text for its next turn."""
@@ -187,3 +222,11 @@ class OPSDModule(PolicyModule):
 
     def after_optimizer_step(self) -> None:
         self.teacher.after_optimizer_step(self.model)
+
+
+def completion_features(completion_mask: torch.Tensor, loss_mask: torch.Tensor) -> TokenFeatures:
+    """Each `loss_mask` token's 0-based position in its completion and its completion's length (EOS
+    included), for the token weights and the diagnostics."""
+    position = completion_mask.long().cumsum(dim=1) - 1
+    length = completion_mask.long().sum(dim=1, keepdim=True).expand_as(position)
+    return TokenFeatures(position=position[loss_mask], length=length[loss_mask])

@@ -1,6 +1,12 @@
-"""Distillation losses: per-token divergences between teacher and student distributions."""
+"""Distillation losses: per-token divergences, token weights and diagnostics, full-logits and chunked."""
 
-from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum, naive_divergence_sum
+from opsd_lightning.losses.chunked import (
+    LossSettings,
+    chunked_divergence_sum,
+    chunked_objective_sum,
+    naive_divergence_sum,
+)
+from opsd_lightning.losses.diagnostics import DIAGNOSTIC_KEYS, TokenDiagnostics
 from opsd_lightning.losses.divergences import (
     Divergence,
     ForwardKL,
@@ -10,16 +16,34 @@ from opsd_lightning.losses.divergences import (
     TopK,
     masked_token_sum,
 )
+from opsd_lightning.losses.objective import ObjectiveSum, objective_sum
+from opsd_lightning.losses.weighting import (
+    EntropyGate,
+    NoWeighting,
+    PositionWeighting,
+    TokenFeatures,
+    TokenWeighting,
+)
 
 __all__ = [
+    "DIAGNOSTIC_KEYS",
     "Divergence",
-    "LossSettings",
-    "chunked_divergence_sum",
-    "naive_divergence_sum",
+    "EntropyGate",
     "ForwardKL",
     "GeneralizedJSD",
+    "LossSettings",
+    "NoWeighting",
+    "ObjectiveSum",
+    "PositionWeighting",
     "ReverseKL",
     "SampledToken",
+    "TokenDiagnostics",
+    "TokenFeatures",
+    "TokenWeighting",
     "TopK",
+    "chunked_divergence_sum",
+    "chunked_objective_sum",
     "masked_token_sum",
+    "naive_divergence_sum",
+    "objective_sum",
 ]

@@ -1,20 +1,21 @@
-"""A divergence loss computed from hidden states chunk by chunk, never holding `N × V` logits at once.
+"""The distillation objective from hidden states chunk by chunk, never holding `N × V` logits at once.
 
-`chunked_divergence_sum` takes the final hidden states of the student and the teacher and the lm_head
-weight, and forms fp32 logits for `chunk_size` positions at a time. Peak memory is O(chunk_size × V)
-instead of O(N × V); `naive_divergence_sum` is the one-go reference with the same numbers.
-Gradients w.r.t. each chunk's logits come from a closed form for the unclipped KL family and from
-autograd through `per_token` otherwise; for `TopK` the student's logits are formed at the teacher's top-k
-entries only. The chunked sum chooses its own dtypes: an outer autocast (Lightning's `*-mixed` precision)
+`chunked_objective_sum` takes the final hidden states of the student and the teacher and the lm_head
+weight(s), and forms fp32 logits for `chunk_size` positions at a time. Peak memory is O(chunk_size × V)
+instead of O(N × V); `objective_sum` (losses/objective.py) on `full_logits` is the one-go reference with
+the same numbers. Token weights and diagnostics are computed per chunk. Gradients w.r.t. each chunk's
+logits come from a closed form for the unclipped KL family (rows times the token weights) and from
+autograd through `per_token` otherwise; for `TopK` without a tail the student's logits are formed at the
+teacher's top-k entries only. `chunked_divergence_sum` / `naive_divergence_sum` are the unweighted sums.
+The chunked sum chooses its own dtypes: an outer autocast (Lightning's `*-mixed` precision)
 is switched off inside it, forward and backward, so it gives the same numbers with or without one.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -22,9 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from opsd_lightning.losses.divergences import Divergence, ForwardKL, GeneralizedJSD, ReverseKL, TopK
+from opsd_lightning.losses.closed_form import forward_kl_rows, kl_family_rows
+from opsd_lightning.losses.diagnostics import TokenDiagnostics, token_diagnostics
+from opsd_lightning.losses.divergences import Divergence, TopK
+from opsd_lightning.losses.objective import ObjectiveSum, token_terms, weighted_sum
+from opsd_lightning.losses.weighting import TokenFeatures, TokenWeighting
 
-__all__ = ["LossSettings", "chunked_divergence_sum", "naive_divergence_sum"]
+__all__ = [
+    "LossSettings",
+    "chunked_divergence_sum",
+    "chunked_objective_sum",
+    "full_logits",
+    "naive_divergence_sum",
+]
 
 
 _BACKENDS = ("chunked", "full_logits")
@@ -77,19 +88,62 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 def _validate(
-    student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor, token_ids: Tensor, bias: Tensor | None
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor | None,
+    bias: Tensor | None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
 ) -> None:
-    if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
+    """Same N and V for both models; the teacher's hidden size may differ when it has its own head."""
+    if (
+        student_hidden.dim() != 2
+        or teacher_hidden.dim() != 2
+        or student_hidden.shape[0] != teacher_hidden.shape[0]
+    ):
         raise ValueError(
             f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} "
-            "must have the same shape [N, H]"
+            "must be [N, H] and [N, H_T] with the same N"
         )
     if weight.dim() != 2 or weight.shape[1] != student_hidden.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} must be [V, H] with H = {student_hidden.shape[1]}")
-    if token_ids.shape != student_hidden.shape[:1]:
+    if token_ids is not None and token_ids.shape != student_hidden.shape[:1]:
         raise ValueError(f"token_ids {tuple(token_ids.shape)} must be [N] with N = {student_hidden.shape[0]}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias {tuple(bias.shape)} must be [V] with V = {weight.shape[0]}")
+    head = weight if teacher_weight is None else teacher_weight
+    expected = (weight.shape[0], teacher_hidden.shape[1])
+    if head.dim() != 2 or tuple(head.shape) != expected:
+        name = "weight" if teacher_weight is None else "teacher_weight"
+        raise ValueError(
+            f"{name} {tuple(head.shape)} must be [V, H_T] = {expected} to score teacher_hidden "
+            f"{tuple(teacher_hidden.shape)} (a teacher of another hidden size needs its own teacher_weight)"
+        )
+    if teacher_bias is not None and teacher_bias.shape != weight.shape[:1]:
+        raise ValueError(f"teacher_bias {tuple(teacher_bias.shape)} must be [V] with V = {weight.shape[0]}")
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """What each chunk computes: the divergence, its token weighting, and whether to gather diagnostics."""
+
+    divergence: Divergence
+    weighting: TokenWeighting | None = None
+    features: TokenFeatures | None = None
+    diagnostics: bool = False
+
+    def sparse_top_k(self, vocabulary: int) -> bool:
+        """Whether a chunk may form the student's logits at the teacher's top-k columns only."""
+        divergence = self.divergence
+        # `type is`, not isinstance: a subclass may read more than the top-k columns. The tail needs the
+        # student's full normaliser and an added forward KL its full distribution: both take the full path.
+        return (
+            type(divergence) is TopK
+            and not divergence.tail
+            and divergence.k < vocabulary
+            and not (self.weighting is not None and self.weighting.adds_forward_kl)
+        )
 
 
 class _ChunkLogits(NamedTuple):
@@ -100,6 +154,8 @@ class _ChunkLogits(NamedTuple):
     divergence: Divergence  # what to apply to these columns
     indices: Tensor | None  # [c, k] vocabulary ids of the columns; None: all V
     weight_rows: Tensor | None  # [c, k, H] lm_head rows at `indices`
+    full_student: Tensor | None  # [c, V] (no grad), when the diagnostics need it; `student` if full width
+    full_teacher: Tensor  # [c, V]; `teacher` if full width
 
 
 def _mm_out(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
@@ -120,19 +176,18 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) 
 
 
 def _chunk_logits(
-    divergence: Divergence,
+    objective: _Objective,
     student_chunk: Tensor,
     teacher_chunk: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    teacher_weight: Tensor,
-    teacher_bias: Tensor | None,
+    heads: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
     dtype: torch.dtype,
 ) -> _ChunkLogits:
     """The chunk's student and teacher logits (in `dtype`), full width or top-k only."""
+    weight, bias, teacher_weight, teacher_bias = heads
+    divergence = objective.divergence
     teacher_logits = _linear(teacher_chunk, teacher_weight, teacher_bias, dtype)
-    # `type is`, not isinstance: a subclass may read more than the top-k columns.
-    if type(divergence) is TopK and divergence.k < weight.shape[0]:
+    if objective.sparse_top_k(weight.shape[0]):
+        assert isinstance(divergence, TopK)
         # Only the teacher's top-k columns are read, so the student's logits are formed there alone:
         # k dot products per position instead of a [c, V] matmul, and a k-sparse backward.
         indices = teacher_logits.topk(divergence.k, dim=-1).indices
@@ -140,68 +195,82 @@ def _chunk_logits(
         student_logits = torch.bmm(weight_rows, student_chunk.to(dtype).unsqueeze(-1)).squeeze(-1)
         if bias is not None:
             student_logits = student_logits + bias[indices].to(dtype)
-        teacher_logits = teacher_logits.gather(-1, indices)
-        return _ChunkLogits(student_logits, teacher_logits, divergence.base, indices, weight_rows)
+        full_student = _linear(student_chunk, weight, bias, dtype) if objective.diagnostics else None
+        return _ChunkLogits(
+            student_logits,
+            teacher_logits.gather(-1, indices),
+            divergence.base,
+            indices,
+            weight_rows,
+            full_student,
+            teacher_logits,
+        )
     student_logits = _linear(student_chunk, weight, bias, dtype)
-    return _ChunkLogits(student_logits, teacher_logits, divergence, None, None)
+    return _ChunkLogits(
+        student_logits, teacher_logits, divergence, None, None, student_logits, teacher_logits
+    )
 
 
-def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
-    """`_log_probs`' tempered, floored log-softmax (same ops, same numbers); divides `logits` in place."""
-    # One fused kernel: a logsumexp-based in-place version saves a buffer but costs two more passes.
-    return torch.log_softmax(logits.div_(temperature), dim=-1).clamp_(min=torch.finfo(logits.dtype).min)
-
-
-def _analytic_value_and_logit_grad(
-    divergence: Divergence, student_logits: Tensor, teacher_logits: Tensor
-) -> tuple[Tensor, Tensor] | None:
-    """Σ values and d Σ / d student_logits in closed form for the unclipped KL family, else None.
-
-    Overwrites both logits. Against autograd through `per_token` it keeps about half as many [c, V]
-    buffers alive (autograd saves most intermediates) and runs fewer passes over them.
-    """
-    kind = type(divergence)  # not isinstance: a subclass may change `_terms`
-    if divergence.clip is not None or kind not in (ForwardKL, ReverseKL, GeneralizedJSD):
-        return None
-    beta = divergence.beta if isinstance(divergence, GeneralizedJSD) else float(kind is ReverseKL)
-    temperature = divergence.temperature
-    student_logp = _log_softmax(student_logits, temperature)
-    teacher_logp = _log_softmax(teacher_logits, temperature)
-    if beta == 0.0:
-        # KL(T‖S) = Σ pT (log pT − log pS); d/dz = (pS − pT) / τ.
-        teacher_p = teacher_logp.exp()
-        total = teacher_logp.sub_(student_logp).mul_(teacher_p).sum()
-        return total, student_logp.exp_().sub_(teacher_p).div_(temperature)
-    student_p = student_logp.exp()
-    if beta == 1.0:
-        # KL(S‖T) = Σ pS·r with r = log pS − log pT; d/dz = pS · (r − Σ pS r) / τ.
-        log_ratio = student_logp.sub_(teacher_logp)
-        values = (student_p * log_ratio).sum(dim=-1, keepdim=True)
-        return values.sum(), log_ratio.sub_(values).mul_(student_p).div_(temperature)
-    # JSD_β = β·KL(T‖M) + (1 − β)·KL(S‖M). Since d JSD / d pS = (1 − β)·log(pS / M), the softmax Jacobian
-    # gives the reverse-KL form with r = (1 − β)·(log pS − log M).
-    mixture_logp = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1.0 - beta))
-    teacher_p = teacher_logp.exp()
-    teacher_kl = teacher_logp.sub_(mixture_logp).mul_(teacher_p).sum(dim=-1, keepdim=True)
-    log_ratio = student_logp.sub_(mixture_logp)
-    del teacher_p, mixture_logp
-    student_kl = (student_p * log_ratio).sum(dim=-1, keepdim=True)
-    total = (beta * teacher_kl + (1.0 - beta) * student_kl).sum()
-    return total, log_ratio.sub_(student_kl).mul_(student_p).mul_((1.0 - beta) / temperature)
-
-
-def _value_and_logit_grad(logits: _ChunkLogits, token_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Σ per_token over the chunk and its gradient w.r.t. the chunk's student logits (may overwrite them)."""
-    analytic = _analytic_value_and_logit_grad(logits.divergence, logits.student, logits.teacher)
-    if analytic is not None:
-        return analytic
+def _values_and_logit_grad(logits: _ChunkLogits, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token values [c] and the gradient of their sum w.r.t. the chunk's student logits (rows are
+    independent, so row i is value i's gradient). May overwrite the logits."""
+    rows = kl_family_rows(logits.divergence, logits.student, logits.teacher)
+    if rows is not None:
+        return rows
     with torch.enable_grad():
         student_logits = logits.student.detach().requires_grad_()
-        total = logits.divergence.per_token(student_logits, logits.teacher, token_ids).sum()
-        (logit_grad,) = torch.autograd.grad(total, student_logits, allow_unused=True)
+        values = logits.divergence.per_token(student_logits, logits.teacher, token_ids)
+        (logit_grad,) = torch.autograd.grad(values.sum(), student_logits, allow_unused=True)
     if logit_grad is None:
         logit_grad = torch.zeros_like(student_logits)
-    return total.detach(), logit_grad
+    return values.detach(), logit_grad
+
+
+class _ChunkResult(NamedTuple):
+    total: Tensor
+    logit_grad: Tensor | None
+    diagnostics: TokenDiagnostics | None
+
+
+def _chunk_objective(
+    objective: _Objective, logits: _ChunkLogits, token_ids: Tensor, rows: slice, need_grad: bool
+) -> _ChunkResult:
+    """The chunk's Σ l_i, its logit gradient (when `need_grad`) and diagnostics (when asked for)."""
+    divergence = objective.divergence
+    features = None if objective.features is None else objective.features.rows(rows)
+    # Everything that reads the logits as they are comes first: the closed form overwrites them.
+    terms = token_terms(
+        logits.full_student,
+        logits.full_teacher,
+        divergence,
+        objective.weighting,
+        features,
+        objective.diagnostics,
+    )
+    clipped = (
+        logits.divergence.clipped(logits.student, logits.teacher, token_ids)
+        if objective.diagnostics
+        else None
+    )
+    forward_kl = forward_kl_grad = None
+    if terms.forward_kl_weights is not None:
+        assert logits.full_student is logits.student  # an added forward KL takes the full-width path
+        forward_kl, forward_kl_grad = forward_kl_rows(logits.student, logits.teacher, divergence.temperature)
+    if need_grad:
+        values, logit_grad = _values_and_logit_grad(logits, token_ids)
+        if terms.divergence_weights is not None:
+            logit_grad.mul_(terms.divergence_weights.to(logit_grad.dtype).unsqueeze(-1))
+        if forward_kl_grad is not None and terms.forward_kl_weights is not None:
+            logit_grad.add_(forward_kl_grad.mul_(terms.forward_kl_weights.to(logit_grad.dtype).unsqueeze(-1)))
+    else:
+        values = logits.divergence.per_token(logits.student, logits.teacher, token_ids).detach()
+        logit_grad = None
+    total = weighted_sum(values, terms, forward_kl)
+    summary = None
+    if objective.diagnostics:
+        assert terms.stats is not None and clipped is not None
+        summary = token_diagnostics(terms.stats, values, clipped, terms.features)
+    return _ChunkResult(total, logit_grad, summary)
 
 
 def _lm_head_backward(
@@ -245,6 +314,14 @@ def _compute_weight(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> 
     return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
 
 
+def _compute_weight(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The weight the chunks multiply with: cast once (a per-chunk cast would copy [V, H] every chunk),
+    except a bf16/fp16 CUDA weight, used as it is with float32 outputs (`_linear`)."""
+    if weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+        return weight.detach(), None if bias is None else bias.detach()
+    return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+
+
 def _chunked_pass(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
@@ -253,51 +330,47 @@ def _chunked_pass(
     teacher_weight: Tensor | None,
     teacher_bias: Tensor | None,
     token_ids: Tensor,
-    divergence: Divergence,
+    objective: _Objective,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The summed divergence and, where `needs_grad` says so, its grads for (hidden, weight, bias)."""
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None], TokenDiagnostics | None]:
+    """The summed objective, its grads for (hidden, weight, bias) where `needs_grad` says so, and the
+    diagnostics where the objective asks for them."""
     dtype = _compute_dtype(student_hidden, teacher_hidden, weight, bias)
     weight_c, bias_c = _compute_weight(weight, bias, dtype)
     if teacher_weight is None or teacher_weight is weight:
         teacher_weight_c, teacher_bias_c = weight_c, bias_c
     else:
         teacher_weight_c, teacher_bias_c = _compute_weight(teacher_weight, teacher_bias, dtype)
+    heads = (weight_c, bias_c, teacher_weight_c, teacher_bias_c)
     need_hidden, need_weight, need_bias = needs_grad
-    total = torch.zeros((), dtype=dtype, device=student_hidden.device)
-    grad_hidden = (
-        torch.zeros(student_hidden.shape, dtype=dtype, device=student_hidden.device) if need_hidden else None
-    )
+    device = student_hidden.device
+    total = torch.zeros((), dtype=dtype, device=device)
+    grad_hidden = torch.zeros(student_hidden.shape, dtype=dtype, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(weight.shape[:1], dtype=dtype, device=weight.device) if need_bias else None
-    with _autocast_off(student_hidden.device):
+    summary: TokenDiagnostics | None = None
+    with _autocast_off(device):
         for start in range(0, student_hidden.shape[0], chunk_size):
-            end = start + chunk_size
-            student_chunk = student_hidden[start:end].detach()
-            teacher_chunk = teacher_hidden[start:end].detach()
-            teacher_head = (teacher_weight_c, teacher_bias_c)
-            logits = _chunk_logits(
-                divergence, student_chunk, teacher_chunk, weight_c, bias_c, *teacher_head, dtype
-            )
-            if any(needs_grad):
-                chunk_total, logit_grad = _value_and_logit_grad(logits, token_ids[start:end])
-                grad_hidden_chunk = None if grad_hidden is None else grad_hidden[start:end]
+            rows = slice(start, start + chunk_size)
+            student_chunk = student_hidden[rows].detach()
+            logits = _chunk_logits(objective, student_chunk, teacher_hidden[rows].detach(), heads, dtype)
+            result = _chunk_objective(objective, logits, token_ids[rows], rows, any(needs_grad))
+            if result.logit_grad is not None:
+                grad_hidden_chunk = None if grad_hidden is None else grad_hidden[rows]
                 grads = (grad_hidden_chunk, grad_weight, grad_bias)
-                _lm_head_backward(logits, logit_grad, student_chunk.to(dtype), weight_c, *grads)
-                del logit_grad
-            else:
-                chunk_total = logits.divergence.per_token(
-                    logits.student, logits.teacher, token_ids[start:end]
-                ).sum()
-            total += chunk_total
+                _lm_head_backward(logits, result.logit_grad, student_chunk.to(dtype), weight_c, *grads)
+            total += result.total
+            if result.diagnostics is not None:
+                summary = result.diagnostics if summary is None else summary + result.diagnostics
             # Free this chunk's [c, V] buffers before the next chunk allocates its own.
-            del logits
-    return total, grad_hidden, grad_weight, grad_bias
+            del logits, result
+    return total, (grad_hidden, grad_weight, grad_bias), summary
 
 
-class _ChunkedDivergenceSum(torch.autograd.Function):
-    """Autograd wrapper: gradients computed in forward and handed over in backward, or recomputed there."""
+class _ChunkedObjectiveSum(torch.autograd.Function):
+    """Autograd wrapper: gradients computed in forward and handed over in backward, or recomputed there.
+    The diagnostics (no grad) leave through `diagnostics_out`, a list the forward appends to."""
 
     @staticmethod
     def forward(
@@ -309,12 +382,14 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
         teacher_weight: Tensor | None,
         teacher_bias: Tensor | None,
         token_ids: Tensor,
-        divergence: Divergence,
+        objective: _Objective,
         chunk_size: int,
         needs_grad: tuple[bool, bool, bool],
         recompute: bool,
+        diagnostics_out: list,
     ) -> Tensor:
-        ctx.divergence = divergence
+        # A backward recompute needs no diagnostics: they were gathered here.
+        ctx.objective = replace(objective, diagnostics=False)
         ctx.chunk_size = chunk_size
         ctx.needs_grad = needs_grad
         ctx.dtypes = (student_hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -323,9 +398,11 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
         ctx.save_for_backward(*inputs)
         ctx.grads = None
         if recompute or not any(needs_grad):
-            return _chunked_pass(*inputs, divergence, chunk_size, (False, False, False))[0]
-        # One pass for value and grads: the logits are formed once instead of again in backward.
-        total, *ctx.grads = _chunked_pass(*inputs, divergence, chunk_size, needs_grad)
+            total, _, summary = _chunked_pass(*inputs, objective, chunk_size, (False, False, False))
+        else:
+            # One pass for value and grads: the logits are formed once instead of again in backward.
+            total, ctx.grads, summary = _chunked_pass(*inputs, objective, chunk_size, needs_grad)
+        diagnostics_out.append(summary)
         return total
 
     @staticmethod
@@ -334,13 +411,73 @@ class _ChunkedDivergenceSum(torch.autograd.Function):
         # Hand the forward's grads over (and drop them here) so that no [V, H] copy of them is made.
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            _, *grads = _chunked_pass(*ctx.saved_tensors, ctx.divergence, ctx.chunk_size, ctx.needs_grad)
+            _, grads, _ = _chunked_pass(*ctx.saved_tensors, ctx.objective, ctx.chunk_size, ctx.needs_grad)
         # In place: the buffers are this call's own.
         grad_hidden, grad_weight, grad_bias = (
             None if grad is None else grad.mul_(grad_output).to(dtype)
             for grad, dtype in zip(grads, ctx.dtypes, strict=True)
         )
-        return grad_hidden, None, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (grad_hidden, None, grad_weight, grad_bias, *([None] * 8))
+
+
+def chunked_objective_sum(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    divergence: Divergence,
+    weighting: TokenWeighting | None = None,
+    features: TokenFeatures | None = None,
+    diagnostics: bool = False,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+    recompute: bool = False,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+) -> ObjectiveSum:
+    """`objective_sum` on logits `hidden · weightᵀ + bias`, formed a chunk of positions at a time.
+
+    `student_hidden` is [N, H], `teacher_hidden` [N, H_T], `weight` the lm_head's [V, H], `token_ids` [N].
+    Logits are formed in at least float32 for `chunk_size` positions at a time and reduced at once, so
+    peak memory is O(chunk_size × V). Gradients reach `student_hidden`, `weight` and `bias` (where they
+    require grad), never the teacher, and come back in their dtypes. By default they are computed during
+    forward, as fused kernels do: the logits are formed once, and the grads (as large as `student_hidden`
+    and `weight`) are held until backward. `recompute=True` holds nothing but the inputs and forms every
+    chunk's logits again in backward: one more pass of lm_head matmuls. A second backward through a
+    retained graph recomputes in either mode. Not twice differentiable.
+
+    `teacher_weight` [V, H_T] / `teacher_bias`: the teacher's own lm_head when it is not the student's (a
+    frozen copy after a full fine-tune moved the student's head, or a separate teacher model, whose hidden
+    size may differ); default: the student's. `weighting`, `features` and `diagnostics` as in
+    `objective_sum`, computed per chunk. The loss sum is a scalar in the compute dtype (float32 or 64)."""
+    if chunk_size < 1:
+        raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
+    _validate(student_hidden, teacher_hidden, weight, token_ids, bias, teacher_weight, teacher_bias)
+    grad_enabled = torch.is_grad_enabled()
+    needs_grad = (
+        grad_enabled and student_hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+        grad_enabled and bias is not None and bias.requires_grad,
+    )
+    diagnostics_out: list[TokenDiagnostics | None] = []
+    loss_sum = _ChunkedObjectiveSum.apply(
+        student_hidden,
+        teacher_hidden,
+        weight,
+        bias,
+        None if teacher_weight is None else teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        token_ids,
+        _Objective(divergence, weighting, features, diagnostics),
+        chunk_size,
+        needs_grad,
+        recompute,
+        diagnostics_out,
+    )
+    summary = diagnostics_out[0]
+    if diagnostics and summary is None:  # no tokens, so no chunk
+        summary = TokenDiagnostics.empty(student_hidden.device)
+    return ObjectiveSum(loss_sum, summary)
 
 
 def chunked_divergence_sum(
@@ -355,48 +492,46 @@ def chunked_divergence_sum(
     teacher_weight: Tensor | None = None,
     teacher_bias: Tensor | None = None,
 ) -> Tensor:
-    """Σ over the N positions of `divergence.per_token` on logits `hidden · weightᵀ + bias`, chunk by chunk.
-
-    `student_hidden`, `teacher_hidden` are [N, H], `weight` is the lm_head's [V, H], `token_ids` [N].
-    Logits are formed in at least float32 for `chunk_size` positions at a time and reduced at once, so
-    peak memory is O(chunk_size × V). Gradients reach `student_hidden`, `weight` and `bias` (where they
-    require grad), never the teacher, and come back in their dtypes. By default they are computed during
-    forward, as fused kernels do: the logits are formed once, and the grads (as large as `student_hidden`
-    and `weight`) are held until backward. `recompute=True` holds nothing but the inputs and forms every
-    chunk's logits again in backward: one more pass of lm_head matmuls. A second backward through a
-    retained graph recomputes in either mode. Not twice differentiable.
-
-    `teacher_weight` / `teacher_bias`: the teacher's own lm_head when it is not the student's (a frozen
-    copy after a full fine-tune moved the student's head); default: the student's.
-
-    Returns a scalar in the compute dtype: float32, or float64 for float64 inputs.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
-    _validate(student_hidden, teacher_hidden, weight, token_ids, bias)
-    grad_enabled = torch.is_grad_enabled()
-    needs_grad = (
-        grad_enabled and student_hidden.requires_grad,
-        grad_enabled and weight.requires_grad,
-        grad_enabled and bias is not None and bias.requires_grad,
-    )
-    if teacher_weight is not None and teacher_weight.shape != weight.shape:
-        raise ValueError(
-            f"teacher_weight {tuple(teacher_weight.shape)} must match weight {tuple(weight.shape)}"
-        )
-    return _ChunkedDivergenceSum.apply(
+    """Σ over the N positions of `divergence.per_token`, chunk by chunk: `chunked_objective_sum` without
+    weights or diagnostics (see there for the arguments)."""
+    return chunked_objective_sum(
         student_hidden,
         teacher_hidden,
         weight,
-        bias,
-        None if teacher_weight is None else teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
         token_ids,
         divergence,
-        chunk_size,
-        needs_grad,
-        recompute,
+        chunk_size=chunk_size,
+        bias=bias,
+        recompute=recompute,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+    ).loss_sum
+
+
+def full_logits(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The [N, V] logits of both models at once in the compute dtype (the teacher's without grad): the
+    full-logits reference for tests and benches."""
+    _validate(student_hidden, teacher_hidden, weight, None, bias, teacher_weight, teacher_bias)
+    dtype = _compute_dtype(student_hidden, teacher_hidden, weight, bias)
+    if teacher_weight is None:
+        teacher_weight, teacher_bias = weight, bias
+    student_logits = F.linear(
+        student_hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     )
+    with torch.no_grad():
+        teacher_logits = F.linear(
+            teacher_hidden.to(dtype),
+            teacher_weight.to(dtype),
+            None if teacher_bias is None else teacher_bias.to(dtype),
+        )
+    return student_logits, teacher_logits
 
 
 def naive_divergence_sum(
@@ -410,17 +545,6 @@ def naive_divergence_sum(
     teacher_bias: Tensor | None = None,
 ) -> Tensor:
     """The same sum with full [N, V] logits for both models at once: the reference for tests and benches."""
-    _validate(student_hidden, teacher_hidden, weight, token_ids, bias)
-    dtype = _compute_dtype(student_hidden, teacher_hidden, weight, bias)
-    if teacher_weight is None:
-        teacher_weight, teacher_bias = weight, bias
-    student_logits = F.linear(
-        student_hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    )
-    with torch.no_grad():
-        teacher_logits = F.linear(
-            teacher_hidden.to(dtype),
-            teacher_weight.to(dtype),
-            None if teacher_bias is None else teacher_bias.to(dtype),
-        )
-    return divergence.per_token(student_logits, teacher_logits, token_ids).sum()
+    _validate(student_hidden, teacher_hidden, weight, token_ids, bias, teacher_weight, teacher_bias)
+    logits = full_logits(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias)
+    return divergence.per_token(*logits, token_ids).sum()
