@@ -241,3 +241,44 @@ def test_a_bare_renderer_renders_the_configured_default_context(tiny):
     assert {n: getattr(bare, n) for n in names} == {n: getattr(configured, n) for n in names}
     # The teacher's transition and reason-first's follow-up turn read alike; each is written out whole.
     assert bare.teacher_template.endswith("behind each step. " + bare.rationale_followup)
+
+
+def assert_spliced_ids_equal_the_text_rendering(tokenizer) -> None:
+    """Solution ids spliced between the template's two sides give the text rendering's ids exactly, when no
+    token spans a seam (the solution starts with a letter and ends with a digit)."""
+    problem, solution = "Compute $\\frac{1}{2}+\\frac{1}{2}$.", "Sum is $1$, so the answer is 1"
+    for thinking in (True, False):
+        renderer = ContextRenderer(tokenizer, teacher_enable_thinking=thinking, system_prompt="Be brief.")
+        solution_ids = tokenizer.encode(solution, add_special_tokens=False)
+        spliced = renderer.teacher_ids_spliced(problem, solution_ids)
+        assert spliced == renderer.teacher_ids(problem, solution)
+        prefix, suffix = renderer.teacher_sides(problem)
+        assert spliced == prefix + solution_ids + suffix and len(prefix) > 5 and len(suffix) > 5
+
+
+def test_spliced_teacher_ids_equal_the_text_rendering_on_the_tiny_tokenizer(tiny):
+    assert_spliced_ids_equal_the_text_rendering(tiny.tokenizer)
+
+
+def test_spliced_teacher_ids_equal_the_text_rendering_on_the_real_qwen3_tokenizer():
+    qwen = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "qwen3")))
+    assert_spliced_ids_equal_the_text_rendering(qwen)
+
+
+def test_spliced_solution_ids_stay_verbatim_and_obey_the_prompt_budget(tiny):
+    """Ids that no text encoding would produce (a word split into single characters) stay as they are;
+    over the budget the solution's tail is cut (truncate_solution) or the prompt raises."""
+    tok = tiny.tokenizer
+    odd_ids = [tok.convert_tokens_to_ids(ch) for ch in "seventeen"]
+    assert odd_ids != tok.encode("seventeen", add_special_tokens=False)
+    prefix, suffix = ContextRenderer(tok).teacher_sides("What is 10 + 7?")
+    full = len(prefix) + len(odd_ids) + len(suffix)
+    assert ContextRenderer(tok).teacher_ids_spliced("What is 10 + 7?", odd_ids) == prefix + odd_ids + suffix
+    cut = ContextRenderer(tok, max_prompt_tokens=full - 3).teacher_ids_spliced("What is 10 + 7?", odd_ids)
+    assert cut == prefix + odd_ids[:-3] + suffix
+    with pytest.raises(ValueError, match="over context.max_prompt_tokens"):
+        ContextRenderer(tok, max_prompt_tokens=full - 3, overlong="drop").teacher_ids_spliced(
+            "What is 10 + 7?", odd_ids
+        )
+    with pytest.raises(ValueError, match="holds the solution 2 times"):
+        ContextRenderer(tok, teacher_template="{problem} {solution} {solution}").teacher_sides("x")

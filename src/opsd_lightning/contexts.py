@@ -19,6 +19,8 @@ from opsd_lightning.batches import TokenBatch, left_pad
 from opsd_lightning.prompt_budget import PromptBudget
 
 _PLACEHOLDER = re.compile(r"\{(problem|solution)\}")
+# Stands for the solution while the chat template renders a teacher prompt as text around solution ids.
+SOLUTION_SENTINEL = "\u27e6opsd-solution\u27e7"
 
 
 def fill_template(template: str, **fields: str) -> str:
@@ -110,6 +112,44 @@ class ContextRenderer:
 
     def teacher_ids(self, problem: str, solution: str, rationale: str | None = None) -> list[int]:
         return self.render(self.teacher_messages(problem, solution, rationale), self.teacher_enable_thinking)
+
+    def teacher_ids_spliced(self, problem: str, solution_ids: Sequence[int]) -> list[int]:
+        """The teacher prompt with `solution_ids` in place of `{solution}`, verbatim (never decoded and
+        re-encoded: a rollout keeps its own tokens). Over the budget with `overlong=truncate_solution`, the
+        solution's last ids are cut until the prompt fits; otherwise it raises as `render` does.
+
+        For a text solution this equals `teacher_ids(problem, solution)` with `solution_ids` its encoding,
+        unless BPE merges a token across the seam (e.g. a solution ending in `}` before `\\n\\n`).
+        """
+        prefix, suffix = self.teacher_sides(problem)
+        solution_ids = list(solution_ids)
+        limit = self.budget.max_prompt_tokens
+        room = None if limit is None else limit - len(prefix) - len(suffix)
+        if room is not None and 0 < room < len(solution_ids) and self.budget.overlong == "truncate_solution":
+            solution_ids = solution_ids[:room]
+        ids = [*prefix, *solution_ids, *suffix]
+        self.budget.check_rendered(len(ids))
+        return ids
+
+    def teacher_sides(self, problem: str) -> tuple[list[int], list[int]]:
+        """The teacher prompt's ids before and after `{solution}`: the chat template renders the prompt as
+        text with a sentinel for the solution, and each side is tokenized as `render` tokenizes a prompt."""
+        text = self.tokenizer.apply_chat_template(
+            self.teacher_messages(problem, SOLUTION_SENTINEL),
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=self.teacher_enable_thinking,
+        )
+        sides = text.split(SOLUTION_SENTINEL)
+        if len(sides) != 2:
+            raise ValueError(
+                f"the teacher prompt holds the solution {len(sides) - 1} times once rendered (expected once: "
+                "context.teacher_template has one {solution}, and the problem must not contain "
+                f"{SOLUTION_SENTINEL!r})"
+            )
+        prefix, suffix = sides
+        encode = self.tokenizer.encode
+        return encode(prefix, add_special_tokens=False), encode(suffix, add_special_tokens=False)
 
     def rationale_ids(self, problem: str, solution: str) -> list[int]:
         return self.render(self.rationale_messages(problem, solution), self.teacher_enable_thinking)

@@ -61,3 +61,51 @@ class GroupSettings:
             raise ValueError(f"algorithm.clip={self.clip} must be in (0, 1)")
         if not self.kl_coef >= 0:
             raise ValueError(f"algorithm.kl_coef={self.kl_coef} must be >= 0")
+
+
+HYBRID_MODES = ("sum", "rlsd")
+PRIVILEGED_CONTEXTS = ("reference", "own_rollout")
+NO_CORRECT_ROLLOUT = ("skip", "reference")
+
+
+def _one_of(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"algorithm.{name}={value!r}: use one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class HybridSettings:
+    """The hybrid of the verifiable reward and the self-teacher (`algorithm=hybrid`, `algorithm=ssopd`).
+
+    `mode`: `sum` (per token reward_weight x clipped surrogate + distill_weight x divergence) or `rlsd`
+    (the teacher's clamped log-ratio scales each token's advantage, `log_ratio_clip` being the clamp).
+    `privileged_context`: what the teacher context holds, the dataset's `reference` solution or the group's
+    shortest correct rollout (`own_rollout`); `no_correct_rollout`: a group without one is dropped from the
+    distillation loss (`skip`) or falls back to the `reference`.
+    """
+
+    mode: str = "sum"
+    reward_weight: float = 1.0
+    distill_weight: float = 1.0
+    log_ratio_clip: float = 1.0
+    privileged_context: str = "reference"
+    no_correct_rollout: str = "skip"
+
+    def __post_init__(self) -> None:
+        _one_of("mode", self.mode, HYBRID_MODES)
+        _one_of("privileged_context", self.privileged_context, PRIVILEGED_CONTEXTS)
+        _one_of("no_correct_rollout", self.no_correct_rollout, NO_CORRECT_ROLLOUT)
+        for name in ("reward_weight", "distill_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"algorithm.{name}={getattr(self, name)} must be >= 0")
+        if self.reward_weight == 0 and self.distill_weight == 0:
+            raise ValueError(
+                "algorithm.reward_weight=0 and algorithm.distill_weight=0: one of them must be > 0"
+            )
+        if self.mode == "rlsd" and self.reward_weight == 0:
+            raise ValueError(
+                "algorithm.mode=rlsd with algorithm.reward_weight=0: RLSD's teacher only scales the reward "
+                "term, so it would do nothing (use mode=sum for pure distillation)"
+            )
+        if not self.log_ratio_clip > 0:
+            raise ValueError(f"algorithm.log_ratio_clip={self.log_ratio_clip} must be > 0")
