@@ -103,6 +103,28 @@ def test_answer_is_optional_unless_mapped_to_a_named_column(tmp_path):
         built(path=str(no_answer), columns={"answer": "final"}, val_size=0)
 
 
+def test_a_source_without_references_maps_solution_to_null(tmp_path):
+    # For algorithm=ssopd: the teacher reads the group's own correct rollout, so no reference is needed.
+    path = write_rows([{"problem": f"p{i}", "answer": str(i)} for i in range(3)], tmp_path / "no_refs.jsonl")
+    rows = built(path=str(path), columns={"solution": None}, val_size=0).train_rows
+    assert [(row["problem"], row["solution"], row["answer"]) for row in rows] == [
+        ("p0", "", "0"),
+        ("p1", "", "1"),
+        ("p2", "", "2"),
+    ]
+    with pytest.raises(ValueError, match="columns.problem"):
+        built(path=str(path), columns={"problem": None, "solution": None}, val_size=0)
+
+
+def test_opsd_refuses_a_row_without_a_reference_and_names_the_way_out(tiny):
+    from .conftest import opsd_module
+
+    module = opsd_module(tiny)
+    batch = {"problem": ["1 + 1?"], "solution": [""], "answer": ["2"]}
+    with pytest.raises(ValueError, match="algorithm=ssopd"):
+        module.micro_batch_loss(batch, 0)
+
+
 def test_missing_required_column_names_file_field_and_available_columns(tmp_path):
     path = write_rows([{"question": "q", "reference": "r"}] * 3, tmp_path / "data.jsonl")
     with pytest.raises(ValueError) as info:

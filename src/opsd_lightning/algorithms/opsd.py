@@ -111,6 +111,7 @@ class OPSDModule(PolicyModule):
         generated = self.count_generated(rollout)
         rationales = self.teacher_rationales(batch, micro_index) if self.reason_first else None
         if self.teacher.privileged_context:
+            require_references(batch, type(self).__name__)
             teacher_prompt = self.contexts.teacher_batch(batch["problem"], batch["solution"], rationales)
             teacher_prompt = teacher_prompt.to(self.device)
         else:  # classic distillation: a separate teacher model sees what the student sees
@@ -230,3 +231,14 @@ def completion_features(completion_mask: torch.Tensor, loss_mask: torch.Tensor) 
     position = completion_mask.long().cumsum(dim=1) - 1
     length = completion_mask.long().sum(dim=1, keepdim=True).expand_as(position)
     return TokenFeatures(position=position[loss_mask], length=length[loss_mask])
+
+
+def require_references(batch: Mapping, algorithm: str) -> None:
+    """The teacher context holds the reference: a row without one (columns.solution=null) cannot be taught."""
+    if not all(solution.strip() for solution in batch["solution"]):
+        raise ValueError(
+            f"{algorithm}'s teacher context holds the reference solution, and a training row has none "
+            "(data.columns.solution=null or an empty solution). Without references use algorithm=ssopd "
+            "(the teacher reads the group's shortest correct rollout) or a teacher with "
+            "teacher.privileged_context=false."
+        )

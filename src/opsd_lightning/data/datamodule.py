@@ -446,9 +446,10 @@ def _merge_columns(columns: Mapping[str, str | None] | None) -> dict[str, str | 
     if unknown:
         raise ValueError(f"Unknown fields {unknown} in `columns`; the fields are {list(_DEFAULT_COLUMNS)}")
     merged = {**_DEFAULT_COLUMNS, **overrides}
-    for field in REQUIRED_FIELDS:
-        if merged[field] is None:
-            raise ValueError(f"`columns.{field}` cannot be null: every row needs a {field}")
+    if merged["problem"] is None:
+        raise ValueError("`columns.problem` cannot be null: every row needs a problem")
+    # `solution: null`: a source without reference solutions (every row gets ""), for algorithms that need
+    # none (algorithm=ssopd); OPSD's reference context refuses such rows when it meets them.
     return merged
 
 
@@ -475,8 +476,10 @@ class _BadRowFound(Exception):
         self.position, self.defect = position, defect
 
 
-def _row_defect(values: Mapping[str, object]) -> _Defect | None:
+def _row_defect(values: Mapping[str, object], columns: Mapping[str, str | None]) -> _Defect | None:
     for field in REQUIRED_FIELDS:
+        if columns[field] is None:  # not read from this source (no reference solutions)
+            continue
         if values[field] is None:
             return _Defect(field, "null")
         if not str(values[field]).strip():
@@ -492,7 +495,7 @@ def _iter_rows(dataset: Dataset, columns: Mapping[str, str | None]) -> Iterator[
             values = {
                 field: None if column is None else block[column][index] for field, column in columns.items()
             }
-            defect = _row_defect(values)
+            defect = _row_defect(values, columns)
             if defect is not None:
                 yield defect
             else:
