@@ -136,13 +136,13 @@ def test_the_slurm_launcher_composes_with_a_recipe():
     # No SLURM here: check that the documented command composes into the launcher's settings.
     command = [
         sys.executable, "-m", "opsd_lightning.train", "--cfg", "hydra",
-        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
-        "hydra.launcher.tasks_per_node=8", "experiment=opsd_qwen3_1p7b",
+        "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.tasks_per_node=4", "experiment=opsd_qwen3_1p7b",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
-    assert "tasks_per_node: 8" in result.stdout
+    assert "tasks_per_node: 4" in result.stdout
 
 
 def test_a_user_datamodule_plugs_in_with_data_target(tmp_path, monkeypatch):

@@ -5,24 +5,32 @@
   (free); without LoRA a frozen copy is kept.
 - `EMATeacher`: an exponential moving average of the trainable weights, swapped in for the teacher
   pass and updated after every optimizer step.
+- `ModelTeacher`: a separate frozen causal LM with the student's vocabulary (e.g. a larger model of the
+  same family); with `privileged_context=False` it scores the student's own prompt (classic on-policy
+  distillation).
 
 Every teacher is scored the same way: `with teacher.scoring(model) as view:` gives a `ScoringView` under
 `no_grad`, in eval mode, with the teacher's weights in place. Every teacher is an `nn.Module`, so its state
-(frozen copy, EMA shadow) moves with the LightningModule to the device and is saved in checkpoints.
+(frozen copy, EMA shadow) moves with the LightningModule to the device and is saved in checkpoints; a
+`ModelTeacher`'s model moves with it too but stays out of checkpoints (it is loaded again from its config).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from opsd_lightning.rollout import eval_mode
 from opsd_lightning.scoring import output_layer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -46,6 +54,10 @@ class ScoringView:
 class Teacher(nn.Module):
     """Base class: `attach(model)` once, `scoring(model)` around each teacher pass,
     `after_optimizer_step(model)` after each step."""
+
+    # True: the teacher context holds the privileged reference (OPSD). A separate teacher model may score the
+    # student's own prompt instead (classic on-policy distillation).
+    privileged_context: bool = True
 
     def attach(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called once with the student model, before training."""
@@ -164,3 +176,93 @@ class EMATeacher(Teacher):
         if weight is head.weight:  # a frozen output layer: the student's own
             return ScoringView(scoring_model)
         return ScoringView(scoring_model, weight, bias)
+
+
+class ModelTeacher(Teacher):
+    """A separate, frozen causal LM scores the teacher context, with its own output layer.
+
+    It must share the student's tokenizer (token ids and output vocabulary); its hidden size may differ.
+    Its weights stay out of checkpoints: it is a frozen model that its config loads again (`attach` and
+    a resumed run see the same weights), so a checkpoint holds the student's state only.
+
+    Args:
+        model: the teacher LM (the apps build it from `teacher.model`, see `app.build_teacher`).
+        privileged_context: True: it sees the reference solution, as OPSD's teacher does; False: it sees the
+            student's own prompt (classic on-policy distillation).
+        warmup: for a tiny `teacher.model`, what the app changes in the run's `warmup` to train it (e.g.
+            `{steps: 3000}`: a stronger teacher); kept for the record, scoring does not use it.
+    """
+
+    def __init__(
+        self, model: nn.Module, privileged_context: bool = True, warmup: Mapping | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(privileged_context, bool):
+            raise ValueError(f"teacher.privileged_context={privileged_context!r} must be true or false")
+        self.model = model.eval().requires_grad_(False)
+        self.privileged_context = privileged_context
+        self.warmup = dict(warmup or {})
+        self._register_state_dict_hook(_drop_teacher_model)
+        self.register_load_state_dict_pre_hook(_keep_teacher_model)
+
+    def attach(self, model: nn.Module) -> None:
+        student_head, teacher_head = output_layer(model), output_layer(self.model)
+        if student_head is None or teacher_head is None:
+            return
+        check_output_vocabulary(student_head.weight.shape[0], teacher_head.weight.shape[0])
+
+    @contextlib.contextmanager
+    def _weights_in_place(self, model: nn.Module) -> Iterator[nn.Module]:
+        yield self.model
+
+    def _view(self, model: nn.Module, scoring_model: nn.Module) -> ScoringView:
+        head = output_layer(self.model)
+        if head is None:  # the chunked loss rejects such a model; full logits need no head
+            return ScoringView(scoring_model)
+        return ScoringView(scoring_model, head.weight, head.bias)
+
+    def train(self, mode: bool = True) -> ModelTeacher:
+        # The teacher never trains: no dropout, whatever Lightning does to the parent module.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+
+def check_output_vocabulary(student_size: int, teacher_size: int) -> None:
+    """Teacher and student logits must cover the same token ids."""
+    if student_size != teacher_size:
+        raise ValueError(
+            f"teacher.model has an output vocabulary of {teacher_size} tokens and the student (model) "
+            f"{student_size}: a separate teacher must share the student's tokenizer and vocabulary "
+            "(the same model family)"
+        )
+
+
+def check_same_tokenizer(
+    student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, teacher_source: str
+) -> None:
+    """Raise naming `teacher.model` unless both tokenizers map the same tokens (special ones included) to
+    the same ids: the teacher scores the student's token ids."""
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    token = min(set(student_vocab.items()) ^ set(teacher_vocab.items()))[0]
+    raise ValueError(
+        f"teacher.model ({teacher_source}) does not share the student's tokenizer: {len(teacher_vocab)} vs "
+        f"{len(student_vocab)} tokens; e.g. {token!r} is id {teacher_vocab.get(token)} for the teacher and "
+        f"{student_vocab.get(token)} for the student. A separate teacher must use the student's tokenizer "
+        "(the same model family)"
+    )
+
+
+def _drop_teacher_model(module: ModelTeacher, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # state_dict hook: the frozen teacher LM is reloaded from its config, not carried by every checkpoint.
+    for key in [key for key in state_dict if key.startswith(prefix + "model.")]:
+        del state_dict[key]
+
+
+def _keep_teacher_model(module: ModelTeacher, state_dict: dict, prefix: str, *args) -> None:
+    # load_state_dict pre-hook: a checkpoint without the teacher LM (see above) keeps the one loaded from its
+    # config, and strict loading (a resumed run) does not report its weights as missing.
+    for name, value in module.model.state_dict().items():
+        state_dict.setdefault(prefix + "model." + name, value)

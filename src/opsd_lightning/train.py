@@ -19,7 +19,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from opsd_lightning._paths import config_dir
-from opsd_lightning.app import build_benchmarks, build_model, instantiate_datamodule, output_dir
+from opsd_lightning.app import (
+    build_benchmarks,
+    build_model,
+    build_teacher,
+    instantiate_datamodule,
+    output_dir,
+)
 from opsd_lightning.callbacks import TrainingInterrupted
 from opsd_lightning.checks import check_config
 from opsd_lightning.contexts import ContextRenderer
@@ -50,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data.setup("fit")
 
     loaded = build_model(cfg, data.datamodule)
+    teacher = build_teacher(cfg, data.datamodule, loaded)  # teacher=model: a separate frozen LM, else None
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
     contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
     connect_renderer(data.datamodule, contexts)
@@ -60,6 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         contexts=contexts,
         benchmarks=data.names,
         _convert_="all",
+        **({"teacher": teacher} if teacher is not None else {}),
     )
     module.engine.check_model(module.model)  # e.g. rollout=vllm with a head size its CPU build rejects
 

@@ -21,12 +21,13 @@ import json
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opsd_lightning.batches import left_pad, position_ids_from_mask
 from opsd_lightning.contexts import ContextRenderer
@@ -119,11 +120,16 @@ def warmup_fingerprint(
 
 
 def prepare_tiny_base(
-    model_kwargs: dict, warmup: WarmupConfig, context_kwargs: dict, held_out_problems: list[str]
+    model_kwargs: dict,
+    warmup: WarmupConfig,
+    context_kwargs: dict,
+    held_out_problems: list[str],
+    check_tokenizer: Callable[[PreTrainedTokenizerBase], None] | None = None,
 ) -> Path:
     """Return the cached tiny base checkpoint folder, training it first if it is not there yet.
 
-    `held_out_problems` are never trained on, so held-out accuracy stays honest.
+    `held_out_problems` are never trained on, so held-out accuracy stays honest. `check_tokenizer` sees the
+    base's tokenizer before any weights are trained or loaded (a separate teacher must match the student's).
     """
     # Only what shapes the base's weights keys the cache (and reaches build_tiny for the warm-up).
     ignored = ("checkpoint", "_target_", "gradient_checkpointing", "dtype", "attn_implementation")
@@ -136,6 +142,8 @@ def prepare_tiny_base(
     )
     if (folder / "config.json").is_file() and (folder / "warmup.json").is_file():
         log.info("Reusing the cached tiny base model at %s", folder)
+        if check_tokenizer is not None:
+            check_tokenizer(AutoTokenizer.from_pretrained(folder))
         return folder
 
     problems = generate_problems(
@@ -148,6 +156,8 @@ def prepare_tiny_base(
     )
     templates = [context_kwargs.get("student_template", ""), context_kwargs.get("teacher_template", "")]
     loaded = build_tiny(**model_kwargs, corpus=tokenizer_corpus(problems, templates, warmup.reference_style))
+    if check_tokenizer is not None:
+        check_tokenizer(loaded.tokenizer)
     renderer = ContextRenderer(loaded.tokenizer, **context_kwargs)
     final_loss = train_supervised(loaded, renderer, problems, warmup)
 
