@@ -162,7 +162,10 @@ def _pyplot():  # noqa: ANN202 - the matplotlib.pyplot module
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
 
+    # 18 distinct colours: a sweep with more than 10 settings must not draw two of them alike.
+    plt.rcParams["axes.prop_cycle"] = cycler(color=[*plt.cm.tab10.colors, *plt.cm.Dark2.colors])
     return plt
 
 
