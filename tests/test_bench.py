@@ -24,6 +24,7 @@ def numbers(tree, path=()):
         yield path, tree
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: make test-all
 @needs_vllm
 def test_gpu_rollout_smoke_measures_every_section(tmp_path):
     out = tmp_path / "gpu_rollout.json"

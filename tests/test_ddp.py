@@ -162,6 +162,7 @@ def test_micro_batch_slices_all_reduce_once_per_step_with_the_same_weights(tmp_p
     assert any(not torch.equal(initial[name], value) for name, value in single["state"].items())
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: make test-all
 def test_ddp_resume_continues_each_ranks_shard_exactly(tmp_path):
     """2 ranks: 4 steps straight equal 2 steps + checkpoint + 2 resumed steps, and every rank trains on
     its own shard of the datamodule's order (Lightning keeps our sampler instead of swapping in its own)."""

@@ -103,6 +103,7 @@ def run_multirun(sweep: str, sweep_dir: Path, **env_overrides: str) -> list[Path
     return sorted(sweep_dir.glob("*/metrics.json"))
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: make test-all
 def test_opsd_train_multirun_runs_one_job_per_divergence(tmp_path):
     jobs = run_multirun("divergence=forward_kl,reverse_kl,jsd,topk,sampled_token", tmp_path)
     assert len(jobs) == 5
@@ -192,6 +193,7 @@ def test_a_batch_with_the_wrong_keys_shows_the_expected_schema():
         check_raw_batch({"question": ["1+1"], "input_ids": [[1, 2]]})
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: make test-all
 def test_opsd_train_multirun_over_algorithms(tmp_path):
     from opsd_lightning.report import write_report
 
@@ -252,6 +254,7 @@ def test_lora_without_peft_installed_fails_before_anything_is_loaded(tmp_path, m
         checks.check_config(compose_train(["peft=lora"], tmp_path))
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores: make test-all
 def test_experiment_sweeps_share_one_folder_with_one_subfolder_per_setting(tmp_path):
     """The experiments' layout: two sweeps (as divergence_ablation's run.sh does) into one folder."""
     from opsd_lightning.report import write_report

@@ -66,6 +66,7 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self._signal: int | None = None
+        self._announcement: str | None = None  # what a signal handler recorded, logged outside the handler
         self._previous_sigint = None
         self._requeue_signal: int | None = None
         self._requeue_handler = None  # Lightning's SLURM requeue handler, called at the step boundary
@@ -83,18 +84,23 @@ class GracefulStop(L.Callback):
             self._requeue_handler = signal.signal(self._requeue_signal, self._on_requeue)
         log.info("SIGTERM or Ctrl-C saves a checkpoint after the current optimizer step and stops the run")
 
+    # The handlers only record the signal: logging from a handler can re-enter a stream the interrupted code
+    # is flushing (a "reentrant call" error). The message is logged at the end of the current micro-batch.
     def _on_requeue(self, signum: int, frame: FrameType | None) -> None:
         self._signal = signum
-        log.warning("SLURM requeue signal: saving and requeueing after the current optimizer step")
+        self._announcement = "SLURM requeue signal: saving and requeueing after the current optimizer step"
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._signal is not None:  # a second Ctrl-C: the usual KeyboardInterrupt
             signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
             raise KeyboardInterrupt
         self._signal = signum
-        log.warning("Ctrl-C: stopping after the current optimizer step (again to stop at once)")
+        self._announcement = "Ctrl-C: stopping after the current optimizer step (again to stop at once)"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._announcement is not None:
+            log.warning(self._announcement)
+            self._announcement = None
         if not getattr(pl_module, "ended_optimizer_step", True):
             return
         local = self._signal or (signal.SIGTERM if trainer.received_sigterm else 0)

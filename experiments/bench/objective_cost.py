@@ -1,0 +1,71 @@
+"""CPU timing: what the diagnostics and the token weights add to the chunked loss (forward + backward).
+
+Plain forward KL, + diagnostics, + position weights, + the entropy gate, + the tail bucket, each the median of
+`--repeats` steps after one warm-up step, in one process, with the ratio to plain forward KL:
+
+    python experiments/bench/objective_cost.py [--tokens 512 --vocab 4096 --hidden 256 --chunk 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from opsd_lightning.losses import ForwardKL, TopK
+from opsd_lightning.losses.chunked import chunked_objective_sum
+from opsd_lightning.losses.weighting import EntropyGate, PositionWeighting, TokenFeatures
+
+
+def step_seconds(inputs: dict, repeats: int, **objective) -> float:
+    """Median seconds of one forward + backward of the chunked objective."""
+    times = []
+    others = {key: value for key, value in inputs.items() if key != "student_hidden"}
+    for _ in range(repeats + 1):
+        hidden = inputs["student_hidden"].detach().requires_grad_()
+        start = time.perf_counter()
+        chunked_objective_sum(hidden, **others, **objective).loss_sum.backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    n, v, h = args.tokens, args.vocab, args.hidden
+    weight = (torch.randn(v, h) / h**0.5).requires_grad_()
+    inputs = {
+        "student_hidden": torch.randn(n, h),
+        "teacher_hidden": torch.randn(n, h),
+        "weight": weight,
+        "token_ids": torch.randint(v, (n,)),
+        "chunk_size": args.chunk,
+    }
+    features = TokenFeatures(position=torch.arange(n) % 64, length=torch.full((n,), 64))
+    weighted = {"divergence": ForwardKL(), "features": features}
+    cases = {
+        "forward KL": {"divergence": ForwardKL()},
+        "+ diagnostics": {"divergence": ForwardKL(), "diagnostics": True},
+        "+ position weights": {**weighted, "weighting": PositionWeighting()},
+        "+ entropy gate": {**weighted, "weighting": EntropyGate()},
+        "tail top-20": {"divergence": TopK(ForwardKL(), k=20, tail=True)},
+    }
+    threads = torch.get_num_threads()
+    print(f"N={n} V={v} H={h} chunk={args.chunk}, {threads} threads, median of {args.repeats} steps")
+    reference = None
+    for name, objective in cases.items():
+        seconds = step_seconds(inputs, args.repeats, **objective)
+        reference = reference or seconds
+        print(f"{name:<20} {seconds * 1e3:8.1f} ms  {seconds / reference:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
