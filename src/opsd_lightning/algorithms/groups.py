@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from opsd_lightning.algorithms.base import PolicyModule
-from opsd_lightning.batches import TokenBatch
+from opsd_lightning.batches import TokenBatch, build_scoring_batch
 from opsd_lightning.evaluation.grading import extract_answer, grade
 from opsd_lightning.losses.policy_gradient import group_advantages
 from opsd_lightning.rollout import Rollout
+from opsd_lightning.scoring import completion_logits
 
 
 @dataclass
@@ -65,6 +66,18 @@ def sample_groups(
 def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """log π(token) at every completion position, fp32, `[B, Lc]` (the whole `[B, Lc, V]` log-softmax)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def policy_log_probs(
+    model: torch.nn.Module, groups: GroupedRollouts, rows: slice, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy term's inputs on these rows: log π of each `mask` token (with grad, from the model's full
+    logits on the student context) and that token's group advantage, both `[tokens]`."""
+    rollout = groups.rollout
+    completion_ids = rollout.completion_ids[rows]
+    scoring = build_scoring_batch(groups.prompt.rows(rows), completion_ids, rollout.completion_mask[rows])
+    logp = token_log_probs(completion_logits(model, scoring), completion_ids)[mask]
+    return logp, groups.advantages[rows][:, None].expand_as(mask)[mask]
 
 
 def rollout_stats(groups: GroupedRollouts) -> dict[str, float]:

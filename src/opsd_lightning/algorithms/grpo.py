@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from opsd_lightning.algorithms.base import MicroBatchLoss, PolicyModule
-from opsd_lightning.algorithms.groups import rollout_stats, sample_groups, token_log_probs
+from opsd_lightning.algorithms.groups import policy_log_probs, rollout_stats, sample_groups, token_log_probs
 from opsd_lightning.algorithms.settings import GroupSettings
 from opsd_lightning.batches import build_scoring_batch
 from opsd_lightning.losses.policy_gradient import clipped_policy_loss, k3_kl
@@ -36,12 +36,11 @@ class GRPOModule(PolicyModule):
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
         groups = sample_groups(self, batch, self.group_size, micro_index, algorithm="grpo")
         rollout = groups.rollout
-        scoring = build_scoring_batch(groups.prompt, rollout.completion_ids, rollout.completion_mask)
         mask = rollout.completion_mask
-        logp = token_log_probs(completion_logits(self.model, scoring), rollout.completion_ids)[mask]
-        token_advantages = groups.advantages[:, None].expand_as(mask)[mask]
+        logp, token_advantages = policy_log_probs(self.model, groups, slice(None), mask)
         per_token = clipped_policy_loss(logp, logp.detach(), token_advantages, self.clip)
         if self.reference is not None:
+            scoring = build_scoring_batch(groups.prompt, rollout.completion_ids, mask)
             with self.reference.scoring(self.model) as reference:
                 reference_logits = completion_logits(reference.model, scoring)
             logp_ref = token_log_probs(reference_logits, rollout.completion_ids)[mask]

@@ -25,6 +25,7 @@ import torch
 from opsd_lightning.algorithms.base import MicroBatchLoss
 from opsd_lightning.algorithms.groups import (
     GroupedRollouts,
+    policy_log_probs,
     repeat_rows,
     rollout_stats,
     sample_groups,
@@ -225,11 +226,7 @@ class HybridModule(OPSDModule):
     ) -> tuple[torch.Tensor, float]:
         """The clipped surrogate summed over the `mask` tokens of these rows, as GRPO computes it (with RLSD's
         token advantages in mode rlsd), and the sum of RLSD's token weights (0 in mode sum)."""
-        rollout = groups.rollout
-        completion_ids, completion_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
-        scoring = build_scoring_batch(groups.prompt.rows(rows), completion_ids, completion_mask)
-        logp = token_log_probs(completion_logits(self.model, scoring), completion_ids)[mask]
-        advantages = groups.advantages[rows][:, None].expand_as(mask)[mask]
+        logp, advantages = policy_log_probs(self.model, groups, rows, mask)
         weight_sum = 0.0
         if self.settings.mode == "rlsd":
             weights = self.rlsd_token_weights(groups, context, rows, mask, logp, advantages)
