@@ -17,6 +17,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opsd_lightning.losses.diagnostics import QUARTER_DIAGNOSTIC_KEYS, SCALAR_DIAGNOSTIC_KEYS
+
 
 @dataclass
 class Group:
@@ -43,14 +45,9 @@ class CurvePoint:
 
 
 TOKENS_COLUMN = "train/generated_tokens_total"
-DIAGNOSTICS = (
-    "train/diag/teacher_entropy",
-    "train/diag/student_entropy",
-    "train/diag/top1_agreement",
-    "train/diag/teacher_mass_on_student_topk",
-    "train/diag/clip_fraction",
-)
-DIVERGENCE_QUARTERS = tuple(f"train/diag/divergence_q{quarter}" for quarter in range(1, 5))
+# The distillation diagnostics as the training CSV names them (the module logs stats as `train/<key>`).
+DIAGNOSTICS = tuple(f"train/{key}" for key in SCALAR_DIAGNOSTIC_KEYS)
+DIVERGENCE_QUARTERS = tuple(f"train/{key}" for key in QUARTER_DIAGNOSTIC_KEYS)
 DIAGNOSTICS_WINDOW = 10  # the table's diagnostics are means over each run's last this-many logged steps
 
 

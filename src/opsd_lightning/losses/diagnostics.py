@@ -16,6 +16,8 @@ from opsd_lightning.losses.weighting import TokenFeatures, relative_position
 
 __all__ = [
     "DIAGNOSTIC_KEYS",
+    "QUARTER_DIAGNOSTIC_KEYS",
+    "SCALAR_DIAGNOSTIC_KEYS",
     "STUDENT_TOP_K",
     "DistributionStats",
     "TokenDiagnostics",
@@ -27,14 +29,16 @@ __all__ = [
 # How many of the student's most likely tokens `teacher_mass_on_student_topk` reads (V if smaller).
 STUDENT_TOP_K = 20
 QUARTERS = 4
-DIAGNOSTIC_KEYS = (
+# The logged names (`train/<key>` once the module logs them; `opsd-report` reads them from here).
+SCALAR_DIAGNOSTIC_KEYS = (
     "diag/teacher_entropy",
     "diag/student_entropy",
     "diag/top1_agreement",
     "diag/teacher_mass_on_student_topk",
     "diag/clip_fraction",
-    *(f"diag/divergence_q{quarter + 1}" for quarter in range(QUARTERS)),
 )
+QUARTER_DIAGNOSTIC_KEYS = tuple(f"diag/divergence_q{quarter + 1}" for quarter in range(QUARTERS))
+DIAGNOSTIC_KEYS = (*SCALAR_DIAGNOSTIC_KEYS, *QUARTER_DIAGNOSTIC_KEYS)
 
 
 def _tempered_log_probs(logits: Tensor, temperature: float) -> Tensor:
@@ -115,19 +119,18 @@ class TokenDiagnostics:
         tokens = float(self.tokens)
         if tokens == 0:
             return {}
-        means = {
-            "diag/teacher_entropy": float(self.teacher_entropy) / tokens,
-            "diag/student_entropy": float(self.student_entropy) / tokens,
-            "diag/top1_agreement": float(self.top1_agreement) / tokens,
-            "diag/teacher_mass_on_student_topk": float(self.teacher_mass_on_student_topk) / tokens,
-            "diag/clip_fraction": float(self.clipped) / tokens,
-        }
-        counts = self.tokens_by_quarter.tolist()
-        for quarter, (total, count) in enumerate(
-            zip(self.divergence_by_quarter.tolist(), counts, strict=True)
-        ):
+        sums = (
+            self.teacher_entropy,
+            self.student_entropy,
+            self.top1_agreement,
+            self.teacher_mass_on_student_topk,
+            self.clipped,
+        )
+        means = {key: float(total) / tokens for key, total in zip(SCALAR_DIAGNOSTIC_KEYS, sums, strict=True)}
+        quarters = zip(self.divergence_by_quarter.tolist(), self.tokens_by_quarter.tolist(), strict=True)
+        for key, (total, count) in zip(QUARTER_DIAGNOSTIC_KEYS, quarters, strict=True):
             if count > 0:
-                means[f"diag/divergence_q{quarter + 1}"] = total / count
+                means[key] = total / count
         return means
 
 
