@@ -21,19 +21,28 @@ from opsd_lightning.data import ArithDataModule
 from opsd_lightning.models import LoadedModel
 
 from .conftest import opsd_module, quiet_trainer
+from .tolerances import summed_tolerance
 
 # 16-mixed is a GPU case only: on CPU Lightning swaps it for bf16-mixed (fp16 AMP is CUDA's there).
 CPU_PRECISIONS = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-true")
 GPU_PRECISIONS = (*CPU_PRECISIONS, "16-mixed")
 
-# How far the backends may differ: (relative loss difference, norm of the update difference relative to
-# the update's). `full_logits` takes the model's logits in the model's (or autocast's) dtype while
-# `chunked` forms float32 ones, so half precisions differ by their logits' rounding; `*-true` half
-# weights also round each update to their own spacing. Measured on CPU: 3e-7 / 2e-5 in 32-true,
-# 3e-4 / 2e-2 in bf16-mixed, 1e-3 / 4e-2 in 16-true, 0 / 0.12 in bf16-true.
+# How far the backends may differ: (loss difference, norm of the update difference relative to the
+# update's).
+# - Full precisions: both backends compute the same sums in another order, so the loss may differ by one
+#   eps of the magnitudes it sums (`tolerances.summed_tolerance`), not by a fraction of the loss: the loss
+#   is the KL of two nearly equal distributions (~7e-5) while each token sums terms of |log p| ~ log V
+#   (~6). A relative 1e-5 passed on an Intel Xeon and failed on an AMD EPYC (issue 18).
+# - Half precisions: `full_logits` takes the model's logits in the model's (or autocast's) dtype while
+#   `chunked` forms float32 ones, so they differ by the half format's rounding of the logits, whatever the
+#   summation order: a fraction (1e-2) of the loss, about the format's eps. `*-true` half weights also
+#   round each update to their own spacing.
+# Measured on CPU (loss relative / update): 6e-5 / 2e-5 in 32-true, 3e-4 / 2e-2 in bf16-mixed,
+# 1e-3 / 4e-2 in 16-true, 0 / 0.12 in bf16-true.
+FULL_PRECISION = {"64-true": torch.float64, "32-true": torch.float32}
 AGREEMENT = {
-    "64-true": (1e-6, 1e-9),
-    "32-true": (1e-5, 1e-3),
+    "64-true": (None, 1e-9),
+    "32-true": (None, 1e-3),
     "bf16-mixed": (1e-2, 0.1),
     "16-mixed": (1e-2, 0.1),
     "16-true": (1e-2, 0.2),
@@ -46,6 +55,7 @@ class OneStep:
     """What one optimizer step did: its logged loss, and each parameter's change."""
 
     loss: float
+    teacher_entropy: float  # mean over the step's tokens, nats
     updates: dict[str, torch.Tensor]  # after − before, in the trained dtype, on the CPU
 
     def flat_update(self) -> torch.Tensor:
@@ -65,7 +75,8 @@ def one_step(tiny: LoadedModel, precision: str, backend: str, accelerator: str, 
     # `*-true` precisions convert the weights: compare with the converted starting point.
     after = {name: param.detach().cpu() for name, param in loaded.model.named_parameters()}
     updates = {name: after[name] - before[name].to(after[name].dtype) for name in before}
-    return OneStep(float(trainer.callback_metrics["train/loss"]), updates)
+    metrics = trainer.callback_metrics
+    return OneStep(float(metrics["train/loss"]), float(metrics["train/diag/teacher_entropy"]), updates)
 
 
 def check_both_backends(tiny: LoadedModel, precision: str, accelerator: str, root: Path) -> None:
@@ -79,7 +90,13 @@ def check_both_backends(tiny: LoadedModel, precision: str, accelerator: str, roo
         assert not still, f"{backend}: weight matrices that did not move: {still}"
     loss_rtol, update_rtol = AGREEMENT[precision]
     chunked, full_logits = steps["chunked"], steps["full_logits"]
-    assert chunked.loss == pytest.approx(full_logits.loss, rel=loss_rtol)
+    if precision in FULL_PRECISION:
+        # Forward KL per token sums p_T·log p_T and p_T·log p_S: Σ|terms| = H(T) + H(T, S) = 2·H(T) + KL.
+        magnitude = 2 * full_logits.teacher_entropy + full_logits.loss
+        loss_atol = summed_tolerance(magnitude, FULL_PRECISION[precision])
+        assert abs(chunked.loss - full_logits.loss) <= loss_atol, (chunked.loss, full_logits.loss, loss_atol)
+    else:
+        assert chunked.loss == pytest.approx(full_logits.loss, rel=loss_rtol)
     chunked_update, reference_update = chunked.flat_update(), full_logits.flat_update()
     difference = float((chunked_update - reference_update).norm() / reference_update.norm())
     assert difference <= update_rtol, f"updates differ by {difference:.2e} (relative)"
