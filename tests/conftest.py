@@ -53,27 +53,79 @@ def fresh_tiny():
     return build_small_tiny()
 
 
-def opsd_module(loaded, **overrides):
-    """An `OPSDModule` on `loaded` (model + tokenizer) with the tests' defaults: forward KL, the fixed
-    teacher, SGD, 6 sampled tokens per rollout; any argument can be overridden."""
+def opsd_module(
+    loaded,
+    divergence=None,
+    weighting=None,
+    loss=None,
+    diagnostics: bool = True,
+    mask_truncated: bool = False,
+    **overrides,
+):
+    """An `OnPolicyModule` with OPSD's parts (`conf/algorithm/opsd.yaml`: [Distill] on single rollouts, the
+    reference context) on `loaded` (model + tokenizer), with the tests' defaults: forward KL, the fixed
+    teacher,
+    SGD, 6 sampled tokens per rollout. The distill term's options are arguments; any module argument
+    (`teacher`, `teacher_context`, `micro_batch_size`, ...) can be overridden."""
+    from opsd_lightning.losses import Distill, ForwardKL
+    from opsd_lightning.training import SingleSampler
+
+    distill = Distill(divergence or ForwardKL(), weighting, loss, diagnostics)
+    return policy_module(loaded, [distill], SingleSampler(mask_truncated), **overrides)
+
+
+def policy_module(loaded, terms, sampler, **overrides):
+    """An `OnPolicyModule` of these terms and sampler on `loaded`, with the tests' defaults (the fixed
+    teacher,
+    SGD, 6 sampled tokens, greedy 6-token evaluation)."""
     import functools
 
-    from opsd_lightning.algorithms import OPSDModule
     from opsd_lightning.contexts import ContextRenderer
-    from opsd_lightning.losses import ForwardKL
     from opsd_lightning.teachers import FixedTeacher
+    from opsd_lightning.training import OnPolicyModule
 
     settings = {
         "optimizer": functools.partial(torch.optim.SGD, lr=0.1),
-        "divergence": ForwardKL(),
         "teacher": FixedTeacher(),
         "sampling": {"temperature": 1.0, "max_new_tokens": 6},
     }
-    return OPSDModule(
+    return OnPolicyModule(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         contexts=ContextRenderer(loaded.tokenizer),
+        terms=terms,
+        sampler=sampler,
         **{**settings, **overrides},
+    )
+
+
+def distill_sum(module, student_prompt, teacher_prompt, completion_ids, completion_mask, loss_mask):
+    """The module's Distill term summed over `loss_mask`'s tokens of these rows (student grad only)."""
+    from opsd_lightning.losses import Distill, TermInputs
+    from opsd_lightning.training import Episodes
+
+    (distill,) = [term for term in module.terms if isinstance(term, Distill)]
+    rows = len(completion_ids)
+    episodes = Episodes(
+        student_prompt,
+        completion_ids,
+        completion_mask,
+        loss_mask,
+        torch.zeros(rows, dtype=torch.bool),
+        problems=[""] * rows,
+        solutions=[None] * rows,
+        answers=[None] * rows,
+    )
+    inputs = TermInputs(
+        module.model, episodes, module.teacher, teacher_prompt, torch.ones(rows, dtype=torch.bool)
+    )
+    return distill(inputs)
+
+
+def sample(module, prompt, seed=0):
+    """One rollout of `prompt` from the module's model through its engine, with its training sampling."""
+    return module.engine.generate(
+        module.model, prompt, module.sampling, module.eos_ids, module.tokenizer.pad_token_id, seed
     )
 
 

@@ -9,17 +9,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.callbacks import SaveAdapters
-from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data import ArithDataModule
 from opsd_lightning.export import main as export_main
-from opsd_lightning.losses import ForwardKL
 from opsd_lightning.models import save_pretrained
 from opsd_lightning.peft_utils import apply_peft
-from opsd_lightning.teachers import FixedTeacher
 
-from .conftest import quiet_trainer
+from .conftest import opsd_module, quiet_trainer
 
 
 def test_adapters_are_saved_in_peft_format_reload_and_export_merged(fresh_tiny, tmp_path):
@@ -31,15 +27,8 @@ def test_adapters_are_saved_in_peft_format_reload_and_export_merged(fresh_tiny, 
         fresh_tiny.model,
         {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
     )
-    module = OPSDModule(
-        model=fresh_tiny.model,
-        tokenizer=fresh_tiny.tokenizer,
-        contexts=ContextRenderer(fresh_tiny.tokenizer),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
-        divergence=ForwardKL(),
-        teacher=FixedTeacher(),
-        sampling={"temperature": 1.0, "max_new_tokens": 6},
-    )
+    # OPSD (forward KL, the fixed teacher: the base under the adapters, 6 sampled tokens) with AdamW.
+    module = opsd_module(fresh_tiny, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
     checkpoints = tmp_path / "checkpoints"
     callbacks = [ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_last=True), SaveAdapters()]
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=callbacks, enable_checkpointing=True)

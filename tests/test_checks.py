@@ -3,13 +3,12 @@ those same objects from the resolved config, so it reports exactly what the modu
 
 from __future__ import annotations
 
-import functools
+import re
 
 import pytest
-import torch
 from hydra.errors import InstantiationException
 
-from .conftest import build_small_tiny
+from .conftest import build_small_tiny, policy_module
 from .test_configs import compose_train
 
 
@@ -27,47 +26,51 @@ def fails_before_loading(overrides: list[str], tmp_path, monkeypatch) -> str:
     return str(caught.value)
 
 
-GRPO_OPTIONS = [
-    ("group_size", 1, "algorithm.group_size=1"),
-    ("clip", 1.5, r"algorithm.clip=1.5 must be in \(0, 1\)"),
-    ("kl_coef", -0.1, "algorithm.kl_coef=-0.1 must be >= 0"),
+GRPO_OPTIONS = [  # (option, bad value, the message as a regex: it names the option the user set)
+    ("group_size", 1, r"algorithm\.group_size=1"),
+    ("clip", 1.5, r"algorithm\.clip=1\.5 must be in \(0, 1\)"),
+    # The KL term's weight: the term names itself and the recipe options that set a term's weight.
+    ("kl_coef", -0.1, r"KLToReference's weight=-0\.1 must be >= 0 .*algorithm\.kl_coef"),
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "message"), GRPO_OPTIONS, ids=[o[0] for o in GRPO_OPTIONS])
-def test_grpo_options_fail_early_with_the_modules_own_message(name, value, message, tmp_path, monkeypatch):
-    from opsd_lightning.algorithms import GRPOModule
-    from opsd_lightning.contexts import ContextRenderer
+def grpo_module(loaded, group_size: int = 4, clip: float = 0.2, kl_coef: float = 0.0):
+    """GRPO's parts (`conf/algorithm/grpo.yaml`): [ClippedPolicy, KLToReference] on group rollouts."""
+    from opsd_lightning.losses import ClippedPolicy, KLToReference
+    from opsd_lightning.training import GroupSampler
 
+    terms = [ClippedPolicy(clip=clip), KLToReference(weight=kl_coef)]
+    return policy_module(loaded, terms, GroupSampler(group_size=group_size))
+
+
+@pytest.mark.parametrize(("name", "value", "message"), GRPO_OPTIONS, ids=["group_size", "clip", "kl_coef"])
+def test_grpo_options_fail_early_with_the_modules_own_message(name, value, message, tmp_path, monkeypatch):
     early = fails_before_loading(["algorithm=grpo", f"algorithm.{name}={value}"], tmp_path, monkeypatch)
-    assert early.count(message.replace("\\", "")) == 1 or pytest.fail(early)
-    loaded = build_small_tiny()
     with pytest.raises(ValueError) as late:
-        GRPOModule(
-            model=loaded.model,
-            tokenizer=loaded.tokenizer,
-            contexts=ContextRenderer(loaded.tokenizer),
-            optimizer=functools.partial(torch.optim.SGD, lr=0.1),
-            **{name: value},
-        )
+        grpo_module(build_small_tiny(), **{name: value})
     assert str(late.value) == early  # one message, written once
+    assert len(re.findall(message, early)) == 1 or pytest.fail(early)
 
 
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
         (
-            "+algorithm.rationale_sampling.top_p=0",
-            r"algorithm.rationale_sampling.top_p=0 must be in \(0, 1\]",
+            ["teacher_context=reason_first", "+teacher_context.rationale_sampling.top_p=0"],
+            r"teacher_context.rationale_sampling.top_p=0 must be in \(0, 1\]",
         ),
-        ("algorithm.sampling.top_k=-1", "algorithm.sampling.top_k=-1 must be >= 0"),
-        ("evaluation.sampling.max_new_tokens=0", "evaluation.sampling.max_new_tokens=0 must be >= 1"),
-        ("algorithm.loss.backend=dense", "algorithm.loss.backend='dense'"),
-        ("algorithm.accumulate_grad_batches=1.5", "algorithm.accumulate_grad_batches=1.5 must be an integer"),
+        (["algorithm.sampling.top_k=-1"], "algorithm.sampling.top_k=-1 must be >= 0"),
+        (["evaluation.sampling.max_new_tokens=0"], "evaluation.sampling.max_new_tokens=0 must be >= 1"),
+        (["algorithm.loss.backend=dense"], "algorithm.loss.backend='dense'"),
+        (
+            ["algorithm.accumulate_grad_batches=1.5"],
+            "algorithm.accumulate_grad_batches=1.5 must be an integer",
+        ),
     ],
+    ids=["rationale_sampling", "sampling", "evaluation", "loss", "accumulate"],
 )
-def test_nested_options_are_named_by_their_full_path(override, message, tmp_path, monkeypatch):
-    assert pytest.importorskip("re").search(message, fails_before_loading([override], tmp_path, monkeypatch))
+def test_nested_options_are_named_by_their_full_path(overrides, message, tmp_path, monkeypatch):
+    assert re.search(message, fails_before_loading(overrides, tmp_path, monkeypatch))
 
 
 def test_sft_checks_only_the_options_it_has(tmp_path):

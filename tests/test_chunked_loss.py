@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from opsd_lightning.losses.chunked import LossSettings, chunked_divergence_sum, naive_divergence_sum
+from opsd_lightning.losses.chunked import chunked_divergence_sum, naive_divergence_sum
 from opsd_lightning.losses.divergences import (
     Divergence,
     ForwardKL,
@@ -16,6 +16,7 @@ from opsd_lightning.losses.divergences import (
     SampledToken,
     TopK,
 )
+from opsd_lightning.losses.settings import LossSettings
 
 H, V = 8, 50
 CHUNK = 4  # divides none of the N below

@@ -471,7 +471,7 @@ def test_setup_fits_the_training_rows_to_a_connected_renderers_budget_once(tiny,
 
 
 def test_benchmark_and_datamodule_share_the_column_rules():
-    from opsd_lightning.data.datamodule import resolve_columns
+    from opsd_lightning.data.sources import resolve_columns
 
     columns = {"problem": "question", "solution": "solution", "answer": "answer"}
     available = ["problem", "answer"]

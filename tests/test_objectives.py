@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from opsd_lightning.algorithms.opsd import completion_features
 from opsd_lightning.losses import (
     DIAGNOSTIC_KEYS,
     EntropyGate,
@@ -25,8 +24,10 @@ from opsd_lightning.losses import (
     chunked_objective_sum,
     objective_sum,
 )
-from opsd_lightning.losses.chunked import LossSettings, full_logits
+from opsd_lightning.losses.chunked import full_logits
 from opsd_lightning.losses.diagnostics import distribution_stats, entropy, token_diagnostics
+from opsd_lightning.losses.settings import LossSettings
+from opsd_lightning.losses.terms import completion_features
 
 from .conftest import build_small_tiny, opsd_module, quiet_trainer
 

@@ -8,25 +8,21 @@ import functools
 import lightning as L
 import torch
 
-from opsd_lightning.algorithms import OPSDModule
-from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data import ArithDataModule
-from opsd_lightning.losses import ForwardKL, ReverseKL
-from opsd_lightning.losses.chunked import LossSettings
+from opsd_lightning.losses import ReverseKL
+from opsd_lightning.losses.settings import LossSettings
 from opsd_lightning.teachers import EMATeacher, FixedTeacher
+from opsd_lightning.training import OnPolicyModule, ReasonFirstContext
 
-from .conftest import quiet_trainer
+from .conftest import distill_sum, opsd_module, quiet_trainer, sample
 
 
-def make_module(loaded, teacher, divergence=None, **kwargs) -> OPSDModule:
-    return OPSDModule(
-        model=loaded.model,
-        tokenizer=loaded.tokenizer,
-        contexts=ContextRenderer(loaded.tokenizer),
+def make_module(loaded, teacher, divergence=None, **kwargs) -> OnPolicyModule:
+    return opsd_module(
+        loaded,
+        divergence=divergence,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-2),
-        divergence=divergence or ForwardKL(),
         teacher=teacher,
-        sampling={"temperature": 1.0, "max_new_tokens": 6},
         evaluation={"sampling": {"temperature": 0.0, "max_new_tokens": 6}, "num_samples": 1},
         **kwargs,
     )
@@ -126,15 +122,11 @@ def test_truncated_rollouts_are_counted_and_can_be_masked(fresh_tiny, tmp_path):
 def test_reason_first_counts_the_teachers_explanation_tokens_and_trains(fresh_tiny, tmp_path):
     plain = make_module(fresh_tiny, FixedTeacher())
     fit(plain, steps=1, tmp_path=tmp_path)
-    module = make_module(
-        fresh_tiny,
-        FixedTeacher(),
-        reason_first=True,
-        rationale_sampling={"temperature": 0.0, "max_new_tokens": 5},
-    )
+    context = ReasonFirstContext(rationale_sampling={"temperature": 0.0, "max_new_tokens": 5})
+    module = make_module(fresh_tiny, FixedTeacher(), teacher_context=context)
     seen: list[list[str]] = []
-    original = module.teacher_rationales
-    module.teacher_rationales = lambda batch, i: seen.append(original(batch, i)) or seen[-1]
+    original = context.rationales
+    context.rationales = lambda batch, tools: seen.append(original(batch, tools)) or seen[-1]
     trainer = fit(module, steps=1, tmp_path=tmp_path)
     assert len(seen) == 1 and len(seen[0]) == 2  # one explanation per problem of the batch
     # The same rollouts as without reason-first, plus up to 5 explanation tokens per problem.
@@ -183,11 +175,11 @@ def test_chunked_loss_scores_with_the_ema_teachers_own_head(fresh_tiny):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     prompt = module.contexts.student_batch(batch["problem"])
-    rollout = module.rollout(prompt, module.sampling, seed=0)
+    rollout = sample(module, prompt)
     teacher_prompt = module.contexts.teacher_batch(batch["problem"], batch["solution"])
     args = (prompt, teacher_prompt, rollout.completion_ids, rollout.completion_mask, rollout.completion_mask)
     sums = {}
     for backend in ("full_logits", "chunked"):
-        module.loss = LossSettings(backend=backend)
-        sums[backend] = module.divergence_sum(*args).loss_sum.detach()
+        module.terms[0].loss = LossSettings(backend=backend)
+        sums[backend] = distill_sum(module, *args).loss_sum.detach()
     torch.testing.assert_close(sums["chunked"], sums["full_logits"], rtol=1e-4, atol=1e-5)

@@ -29,7 +29,8 @@ UPSTREAM_CHANGES = {
     "algorithm.gradient_clip_val",
     "algorithm.optimizer.lr",
     "algorithm.sampling.max_new_tokens",
-    "algorithm.divergence.clip",  # algorithm.{divergence,evaluation,engine} copy the top-level nodes
+    "algorithm.terms.0.divergence.clip",  # the distill term's divergence, like evaluation and engine,
+    # copies a top-level node
     "divergence.clip",
     "trainer.devices",
     "rollout.gpu_memory_utilization",
@@ -118,7 +119,7 @@ def test_the_upstream_recipe_holds_what_upstream_runs_now(tmp_path):
     assert algorithm.optimizer.lr == 5e-6 and algorithm.gradient_clip_val == 0.1
     assert cfg.divergence._target_.endswith("ForwardKL") and cfg.divergence.clip == 0.05
     assert cfg.divergence.clip_mode == "entry"  # per vocabulary entry, not per token
-    assert algorithm.divergence == cfg.divergence and cfg.teacher._target_.endswith("FixedTeacher")
+    assert algorithm.terms[0].divergence == cfg.divergence and cfg.teacher._target_.endswith("FixedTeacher")
     assert (sampling.temperature, sampling.top_p, sampling.top_k) == (1.1, 0.95, 20)
     assert sampling.max_new_tokens == 1024
     assert (cfg.peft.r, cfg.peft.lora_alpha) == (64, 128) and set(cfg.peft.target_modules) == ALL_LINEAR
@@ -136,6 +137,8 @@ def flat(recipe: str, tmp_path) -> dict:
     from omegaconf import OmegaConf
 
     def walk(node, prefix: str) -> dict:
+        if isinstance(node, list) and all(isinstance(item, dict) for item in node):
+            node = dict(enumerate(node))  # a list of parts (algorithm.terms): key by position
         if not isinstance(node, dict):
             return {prefix: node}
         return {k: v for key, value in node.items() for k, v in walk(value, f"{prefix}{key}.").items()}

@@ -3,6 +3,7 @@ counted, too many in a row save a checkpoint and stop with a clear error; the sa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,8 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.data import ArithDataModule
+from opsd_lightning.training import OnPolicyModule
 
 from .conftest import opsd_module, quiet_trainer
 
@@ -31,7 +32,7 @@ def poison_gradients(model: torch.nn.Module, calls: set[int]) -> list[int]:
     return seen
 
 
-def fit(module: OPSDModule, root, steps: int, **trainer_kwargs) -> None:
+def fit(module: OnPolicyModule, root, steps: int, **trainer_kwargs) -> None:
     trainer = quiet_trainer(root, max_steps=steps, **trainer_kwargs)
     trainer.fit(module, datamodule=ArithDataModule(train_size=16, val_size=4, batch_size=2, seed=0))
     return trainer
@@ -177,14 +178,19 @@ class RecordRollouts(Callback):
         self.completions: list[torch.Tensor] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        original = pl_module.rollout
+        original = pl_module.rollout_source
 
-        def rollout(*args, **kwargs):
-            result = original(*args, **kwargs)
-            self.completions.append(result.completion_ids.clone())
-            return result
+        def rollout_source():
+            source = original()
 
-        pl_module.rollout = rollout
+            def generate(*args, **kwargs):
+                result = source.generate(*args, **kwargs)
+                self.completions.append(result.completion_ids.clone())
+                return result
+
+            return dataclasses.replace(source, generate=generate)
+
+        pl_module.rollout_source = rollout_source  # the sampler's rollouts: evaluation samples elsewhere
 
     def on_train_end(self, trainer, pl_module) -> None:
         torch.save(self.completions, self.path)

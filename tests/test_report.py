@@ -7,14 +7,13 @@ import math
 
 import pytest
 
-from opsd_lightning.report import (
+from opsd_lightning.report import main, write_report
+from opsd_lightning.reporting.curves import (
     DIAGNOSTICS,
     DIVERGENCE_QUARTERS,
-    main,
     mean_curve,
     run_curve,
     window_mean,
-    write_report,
 )
 
 

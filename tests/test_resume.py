@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from opsd_lightning.data import ArithDataModule
-from opsd_lightning.data.datamodule import ResumableRandomSampler
+from opsd_lightning.data.sampler import ResumableRandomSampler
 from opsd_lightning.teachers import EMATeacher
 
 from .conftest import build_small_tiny, opsd_module, quiet_trainer

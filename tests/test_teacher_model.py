@@ -1,7 +1,7 @@
 """teacher=model: a separate frozen causal LM (another hidden size, the student's tokenizer) scores the
 teacher context with its own output layer, stays frozen and out of checkpoints, sees the student's prompt
-when it is not privileged, and a teacher with another vocabulary (or none to load) fails before any model
-is built."""
+with `teacher_context=student`, and a teacher with another vocabulary (or none to load) fails before any
+model is built."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from opsd_lightning.losses import ForwardKL
 from opsd_lightning.models import build_tiny, save_pretrained
 from opsd_lightning.scoring import completion_logits
 from opsd_lightning.teachers import ModelTeacher
+from opsd_lightning.training import ReferenceContext, StudentContext
 
-from .conftest import build_small_tiny, opsd_module, quiet_trainer
+from .conftest import build_small_tiny, distill_sum, opsd_module, quiet_trainer, sample
 from .test_configs import compose_train
 
 
@@ -87,7 +88,7 @@ def test_a_wider_teacher_gives_the_forward_kl_to_its_own_logits(fresh_tiny, back
     batch = problems_batch()
     prompt = module.contexts.student_batch(batch["problem"])
     teacher_prompt = module.contexts.teacher_batch(batch["problem"], batch["solution"])
-    rollout = module.rollout(prompt, module.sampling, seed=0)
+    rollout = sample(module, prompt, seed=0)
     mask = rollout.completion_mask
     with torch.no_grad():
         teacher_logits = completion_logits(
@@ -98,7 +99,7 @@ def test_a_wider_teacher_gives_the_forward_kl_to_its_own_logits(fresh_tiny, back
         )[mask]
     expected = ForwardKL().per_token(student_logits, teacher_logits, rollout.completion_ids[mask]).sum()
     assert expected > 0.01  # two different models: a comparison that can fail
-    loss_sum = module.divergence_sum(prompt, teacher_prompt, rollout.completion_ids, mask, mask).loss_sum
+    loss_sum = distill_sum(module, prompt, teacher_prompt, rollout.completion_ids, mask, mask).loss_sum
     torch.testing.assert_close(loss_sum.detach(), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -114,10 +115,11 @@ def record_decoder_inputs(model: torch.nn.Module, only_with_grad: bool) -> list[
     return seen
 
 
-@pytest.mark.parametrize("privileged", [False, True])
-def test_an_unprivileged_teacher_scores_exactly_the_students_input(fresh_tiny, privileged):
+@pytest.mark.parametrize("privileged", [False, True], ids=["student", "reference"])
+def test_the_student_context_gives_the_teacher_exactly_the_students_input(fresh_tiny, privileged):
     teacher_lm = wider_teacher().model
-    module = opsd_module(fresh_tiny, teacher=ModelTeacher(teacher_lm, privileged_context=privileged))
+    context = ReferenceContext() if privileged else StudentContext()
+    module = opsd_module(fresh_tiny, teacher=ModelTeacher(teacher_lm), teacher_context=context)
     student_inputs = record_decoder_inputs(fresh_tiny.model, only_with_grad=True)
     teacher_inputs = record_decoder_inputs(teacher_lm, only_with_grad=False)
     module.micro_batch_loss(problems_batch(), 0)
@@ -128,12 +130,22 @@ def test_an_unprivileged_teacher_scores_exactly_the_students_input(fresh_tiny, p
         assert torch.equal(teacher_inputs[0], student_inputs[0])
 
 
-def test_the_teacher_stays_in_eval_mode_and_rejects_a_non_boolean_option():
+def test_the_teacher_stays_in_eval_mode_and_what_it_reads_is_the_teacher_context_option(tmp_path):
+    from hydra.errors import ConfigCompositionException
+    from hydra.utils import instantiate
+
+    from opsd_lightning.checks import check_config
+
     teacher = ModelTeacher(torch.nn.Dropout(0.5))
     teacher.train()
     assert teacher.training and not teacher.model.training
-    with pytest.raises(ValueError, match="teacher.privileged_context"):
-        ModelTeacher(torch.nn.Identity(), privileged_context="no")
+    # What the teacher reads is `teacher_context`, not a teacher option: classic distillation composes and
+    # passes the pre-flight check, and the removed teacher option fails at composition, not silently.
+    cfg = compose_train(["teacher=model", "teacher_context=student"], tmp_path / "run")
+    check_config(cfg)
+    assert isinstance(instantiate(cfg.algorithm.teacher_context), StudentContext)
+    with pytest.raises(ConfigCompositionException, match="privileged_context"):
+        compose_train(["teacher=model", "teacher.privileged_context=false"], tmp_path / "old")
 
 
 def test_a_teacher_with_another_output_vocabulary_is_rejected_when_attached(fresh_tiny):

@@ -187,7 +187,7 @@ def test_an_unknown_data_option_names_the_class_and_option(tmp_path):
 
 
 def test_a_batch_with_the_wrong_keys_shows_the_expected_schema():
-    from opsd_lightning.algorithms.base import check_raw_batch
+    from opsd_lightning.training.stepper import check_raw_batch
 
     with pytest.raises(ValueError, match=r'"problem": list\[str\].*missing: problem, solution'):
         check_raw_batch({"question": ["1+1"], "input_ids": [[1, 2]]})

@@ -149,10 +149,12 @@ def test_greedy_vllm_equals_greedy_hf_with_eos_inside_and_beyond_the_budget(engi
     full = hf_rollout(taught, prompts, 16)
     assert not full.truncated[:2].any(), "the taught prompts should stop within 16 tokens"
     assert_same(rollout(engine, taught, prompts, 16), full)
-    # A budget one short of the shortest answer: EOS lies beyond it, every row is truncated.
+    # A budget one short of the shortest taught answer: their EOS lies beyond it, so they are truncated. The
+    # other rows are untaught: whether their greedy text ends early depends on near-ties that each CPU's
+    # kernels break their own way (under AVX2 one ended at once), and both engines must still agree on them.
     short = int(full.lengths[:2].min()) - 1
     cut = hf_rollout(taught, prompts, short)
-    assert cut.truncated.all()
+    assert cut.truncated[:2].all()
     assert_same(rollout(engine, taught, prompts, short), cut)
 
 

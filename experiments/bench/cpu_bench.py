@@ -6,7 +6,8 @@
     fresh child process per measurement, time the median of several repetitions (see loss_bench.py).
 (b) One OPSD step on the tiny model (random weights, the default size): rollout tokens/s with the whole
     batch generated at once vs in micro-batches, and update tokens/s (teacher + student forward and the
-    student backward, per completion token) with the chunked vs the naive loss.
+    student backward, per completion token) with the chunked vs the full-logits loss (`OnPolicyModule` with
+    OPSD's parts: the distill term on single rollouts).
 (c) Rollout engines, `rollout=hf` vs `rollout=vllm`: tokens/s of warm calls on one tiny model with head
     dimension 32 (vLLM's CPU attention rejects the default tiny model's 16), the same weights and prompts
     for both, greedy and sampled; vLLM's start-up (engine start + first weight copy + first call) apart.
@@ -33,25 +34,47 @@ from loss_bench import markdown_table, run_loss_bench  # noqa: E402
 
 
 def _opsd_module(loaded, backend: str, micro_batch_size: int | None, max_new_tokens: int):
-    from opsd_lightning.algorithms import OPSDModule
+    """OPSD's parts (`conf/algorithm/opsd.yaml`): [Distill] on single rollouts, the reference context."""
     from opsd_lightning.contexts import ContextRenderer
-    from opsd_lightning.losses import ForwardKL
+    from opsd_lightning.losses import Distill, ForwardKL
     from opsd_lightning.teachers import FixedTeacher
+    from opsd_lightning.training import OnPolicyModule, SingleSampler
 
-    module = OPSDModule(
+    return OnPolicyModule(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         contexts=ContextRenderer(loaded.tokenizer),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-4),
-        divergence=ForwardKL(),
+        terms=[Distill(ForwardKL(), loss={"backend": backend, "chunk_size": 256})],
+        sampler=SingleSampler(),
         teacher=FixedTeacher(),
         sampling={"temperature": 1.0, "max_new_tokens": max_new_tokens},
-        loss={"backend": backend, "chunk_size": 256},
         micro_batch_size=micro_batch_size,
     )
-    module.count_generated = lambda rollout: rollout.num_tokens  # no Trainer attached here
-    module.manual_backward = lambda loss: loss.backward()
-    return module
+
+
+def _distill_sum(module, prompt, teacher_prompt, rollout, rows: slice) -> torch.Tensor:
+    """The module's distill term summed over these rows' completion tokens (student grad only), as a training
+    step computes it for one micro-batch slice."""
+    from opsd_lightning.losses import TermInputs
+    from opsd_lightning.training import Episodes
+
+    mask = rollout.completion_mask[rows]
+    count = len(mask)
+    episodes = Episodes(
+        prompt=prompt.rows(rows),
+        completion_ids=rollout.completion_ids[rows],
+        completion_mask=mask,
+        loss_mask=mask,
+        truncated=rollout.truncated[rows],
+        problems=[""] * count,
+        solutions=[None] * count,
+        answers=[None] * count,
+    )
+    has_teacher = torch.ones(count, dtype=torch.bool)
+    inputs = TermInputs(module.model, episodes, module.teacher, teacher_prompt.rows(rows), has_teacher)
+    (distill,) = module.terms
+    return distill(inputs).loss_sum
 
 
 def run_step_bench(batch_size: int, micro_batch_size: int, max_new_tokens: int, repeats: int) -> dict:
@@ -65,6 +88,7 @@ def run_step_bench(batch_size: int, micro_batch_size: int, max_new_tokens: int, 
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module = _opsd_module(loaded, "chunked", None, max_new_tokens)
+    generate = module.rollout_source().generate  # the module's engine with its training sampling
     prompt = module.contexts.student_batch(batch["problem"])
 
     def rollout_rate(rows_per_call: int) -> float:
@@ -73,32 +97,24 @@ def run_step_bench(batch_size: int, micro_batch_size: int, max_new_tokens: int, 
             start, tokens = time.perf_counter(), 0
             for offset in range(0, batch_size, rows_per_call):
                 part = prompt.rows(slice(offset, offset + rows_per_call))
-                tokens += module.rollout(part, module.sampling, seed=repeat).num_tokens
+                tokens += generate(part, repeat).num_tokens
             if repeat:  # the first call warms up
                 rates.append(tokens / (time.perf_counter() - start))
         return statistics.median(rates)
 
-    rollout = module.rollout(prompt, module.sampling, seed=0)
+    rollout = generate(prompt, 0)
     teacher_prompt = module.contexts.teacher_batch(batch["problem"], batch["solution"])
-    mask = rollout.completion_mask
-    tokens = int(mask.sum())
+    tokens = int(rollout.completion_mask.sum())
 
     def update_rate(backend: str) -> float:
         step = _opsd_module(loaded, backend, micro_batch_size, max_new_tokens)
-        rows = step.row_slices(batch_size)
+        slices = step.steps.row_slices(batch_size)
         times = []
         for repeat in range(repeats + 1):
             loaded.model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            for part in rows:
-                loss = step.divergence_sum(
-                    prompt.rows(part),
-                    teacher_prompt.rows(part),
-                    rollout.completion_ids[part],
-                    mask[part],
-                    mask[part],
-                )
-                loss.backward()
+            for rows in slices:
+                _distill_sum(step, prompt, teacher_prompt, rollout, rows).backward()
             if repeat:
                 times.append(time.perf_counter() - start)
         return tokens / statistics.median(times)
@@ -118,7 +134,7 @@ def run_step_bench(batch_size: int, micro_batch_size: int, max_new_tokens: int, 
         },
         "update_tokens_per_s": {
             "chunked": round(update_rate("chunked"), 1),
-            "naive": round(update_rate("naive"), 1),
+            "full_logits": round(update_rate("full_logits"), 1),
         },
     }
 
@@ -260,7 +276,7 @@ def main() -> None:
     print(f"| rollout, whole batch in one generate call | {rollout['whole_batch']:,.0f} |")
     print(f"| rollout, one generate call per micro-batch | {rollout['per_micro_batch']:,.0f} |")
     print(f"| update, chunked loss | {update['chunked']:,.0f} |")
-    print(f"| update, naive loss | {update['naive']:,.0f} |")
+    print(f"| update, full-logits loss | {update['full_logits']:,.0f} |")
     print()
     settings = ", ".join(f"{k}={v}" for k, v in engines["settings"].items())
     print(f"(c) rollout engines, warm calls, {settings}")

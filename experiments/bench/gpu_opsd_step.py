@@ -1,6 +1,7 @@
 """GPU check of the real training path at the Qwen3-1.7B shape (random weights, the real Qwen3 tokenizer).
 
-Runs this project's `OPSDModule` in a Lightning `Trainer` on one GPU:
+Runs this project's `OnPolicyModule` with OPSD's parts (the distill term on single rollouts, the reference
+context) in a Lightning `Trainer` on one GPU:
 - bf16 weights, LoRA r=64 on all linear layers, gradient checkpointing, the fixed teacher
   (adapters disabled), thinking mode, the chunked loss;
 - 2 optimizer steps with `ModelCheckpoint` and `SaveAdapters`; then reloads the saved adapters with
@@ -23,15 +24,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.callbacks import SaveAdapters
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data.arith import generate_examples
 from opsd_lightning.data.datamodule import collate_raw_text
-from opsd_lightning.losses import ForwardKL
+from opsd_lightning.losses import Distill, ForwardKL
 from opsd_lightning.models import build_tiny
 from opsd_lightning.peft_utils import apply_peft
 from opsd_lightning.teachers import FixedTeacher
+from opsd_lightning.training import OnPolicyModule, SingleSampler
 
 LORA = {
     "r": 64,
@@ -89,17 +90,17 @@ def main() -> None:
     rows = generate_examples(
         4 * args.batch_size, seed=0, max_start=30, max_change=20
     )  # the rows of earlier runs
-    module = OPSDModule(
+    module = OnPolicyModule(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         contexts=ContextRenderer(
             loaded.tokenizer, student_enable_thinking=True, teacher_enable_thinking=True
         ),
         optimizer=functools.partial(torch.optim.AdamW, lr=2e-4),
-        divergence=ForwardKL(temperature=1.1),
+        terms=[Distill(ForwardKL(temperature=1.1), loss={"backend": "chunked", "chunk_size": 1024})],
+        sampler=SingleSampler(),
         teacher=FixedTeacher(),
         sampling={"temperature": 1.1, "top_p": 0.95, "top_k": 20, "max_new_tokens": args.max_new_tokens},
-        loss={"backend": "chunked", "chunk_size": 1024},
     )
     timing = Timing()
     checkpoints = args.workdir / "checkpoints"

@@ -13,9 +13,9 @@ error and the others still run):
 - weight_sync: seconds to bring the engine up to date with the model: full weights, LoRA r=64 merged on
   the fly (`engine_weights`, what `rollout=vllm` does), and adapter-only (vLLM's own LoRA: save the
   adapter, load it into an engine started with `enable_lora`), with that engine's decode speed;
-- opsd_step: one step of the real path (`OPSDModule` in a Lightning `Trainer`, LoRA r=64, gradient
-  checkpointing, the chunked loss, the fixed teacher, 32 prompts x 1,024 tokens) with `rollout=hf` and
-  `rollout=vllm`: generate / sync / train seconds and peak memory;
+- opsd_step: one step of the real path (`OnPolicyModule` with OPSD's parts in a Lightning `Trainer`, LoRA
+  r=64, gradient checkpointing, the chunked loss, the fixed teacher, 32 prompts x 1,024 tokens) with
+  `rollout=hf` and `rollout=vllm`: generate / sync / train seconds and peak memory;
 - targets: issue 13's targets next to the measurements.
 
 Expect roughly 10-15 minutes on one H100/H200 (an estimate: HF generate of 1,024 tokens dominates, and its
@@ -49,17 +49,17 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
-from opsd_lightning.algorithms import OPSDModule
 from opsd_lightning.batches import TokenBatch
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.data.arith import generate_examples
 from opsd_lightning.data.datamodule import collate_raw_text
-from opsd_lightning.losses import ForwardKL
+from opsd_lightning.losses import Distill, ForwardKL
 from opsd_lightning.models import build_tiny_tokenizer, enable_gradient_checkpointing, eos_token_ids
 from opsd_lightning.peft_utils import apply_peft
 from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig, VLLMEngine
 from opsd_lightning.rollout.vllm import prompt_token_lists
 from opsd_lightning.teachers import FixedTeacher
+from opsd_lightning.training import OnPolicyModule, SingleSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_opsd_step import LORA, Timing  # noqa: E402
@@ -408,15 +408,18 @@ def opsd_steps(bench: Bench, inner: RolloutEngine) -> dict:
     """`plan.steps` optimizer steps of OPSD as gpu_opsd_step.py runs them, each split into generate, sync and
     train (the rest of the step: teacher and student forward, backward, optimizer) seconds."""
     plan, engine, timing = bench.plan, TimedEngine(inner, bench), Timing()
-    module = OPSDModule(
+    distill = Distill(
+        ForwardKL(temperature=SAMPLING["temperature"]), loss={"backend": "chunked", "chunk_size": 1024}
+    )
+    module = OnPolicyModule(  # OPSD's parts: the distill term on single rollouts, the reference context
         model=bench.lora_model(),
         tokenizer=bench.tokenizer,
         contexts=bench.renderer,
         optimizer=functools.partial(torch.optim.AdamW, lr=2e-4),
-        divergence=ForwardKL(temperature=SAMPLING["temperature"]),
+        terms=[distill],
+        sampler=SingleSampler(),
         teacher=FixedTeacher(),
         sampling={**SAMPLING, "max_new_tokens": plan.new_tokens},
-        loss={"backend": "chunked", "chunk_size": 1024},
         engine=engine,
     )
     rows = generate_examples(plan.step_prompts * plan.steps, seed=1, max_start=30, max_change=20)

@@ -10,7 +10,7 @@ for setting in \
   "context=thinking" \
   "context.teacher_enable_thinking=true" \
   "context=no_transition" \
-  "algorithm.reason_first=true"; do
+  "teacher_context=reason_first"; do
   # shellcheck disable=SC2086  # a setting may hold several overrides
   opsd-train -m experiment=context_ablation hydra.sweep.dir="$out" "hydra.sweep.subdir=s${index}_\${hydra.job.num}" \
     $setting "$@"

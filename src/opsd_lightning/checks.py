@@ -23,12 +23,23 @@ from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.options import build_settings
 from opsd_lightning.prompt_budget import PromptBudget
 from opsd_lightning.teachers import check_output_vocabulary, check_same_tokenizer
+from opsd_lightning.training.recipes import check_recipe_options
 from opsd_lightning.warmup import WarmupConfig
 
 log = logging.getLogger(__name__)
 
 # Config groups whose options are alternatives: a list of them (teacher=[fixed,ema]) would silently merge.
-EXCLUSIVE_GROUPS = ("algorithm", "divergence", "teacher", "model", "peft", "data", "trainer", "weighting")
+EXCLUSIVE_GROUPS = (
+    "algorithm",
+    "divergence",
+    "teacher",
+    "teacher_context",
+    "model",
+    "peft",
+    "data",
+    "trainer",
+    "weighting",
+)
 # A Hugging Face hub model id (`Qwen/Qwen3-8B`): what `name_or_path` may be when it is not a local folder.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -48,6 +59,7 @@ def check_config(cfg: DictConfig) -> None:
         elif cfg.get(group):
             instantiate(cfg[group])
     build_settings(EvalSettings, _resolved(cfg.evaluation), "evaluation")
+    check_recipe_options(cfg.algorithm)
     algorithm = get_class(cfg.algorithm._target_)
     if hasattr(algorithm, "check_options"):  # a user's own LightningModule may have none
         algorithm.check_options(_resolved(cfg.algorithm))

@@ -1,17 +1,18 @@
 """The prompt budget: the longest prompt allowed, and what happens to a training row whose prompt is longer.
 
 Every length here is measured through the renderer's own rendering path with its own thinking flags, so a
-row is kept or cut on the length it will have when rendered for training.
+row is kept or cut on the length it will have when rendered for training. The renderer (`contexts.py`)
+holds a budget, so this module knows it only by the `PromptRenderer` protocol: imports point one way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from opsd_lightning.contexts import ContextRenderer
+    from transformers import PreTrainedTokenizerBase
 
 OVERLONG_POLICIES = ("truncate_solution", "drop", "raise")
 
@@ -51,8 +52,22 @@ class PromptBudget:
             )
 
 
+class PromptRenderer(Protocol):
+    """What `fit_rows` needs of a renderer (`contexts.ContextRenderer` is one): its budget, its tokenizer, and
+    the prompts' ids as rendered, with and without the limit."""
+
+    budget: PromptBudget
+    tokenizer: PreTrainedTokenizerBase
+
+    def without_limit(self) -> PromptRenderer: ...
+
+    def student_ids(self, problem: str) -> list[int]: ...
+
+    def teacher_ids(self, problem: str, solution: str) -> list[int]: ...
+
+
 def fit_rows(
-    renderer: ContextRenderer, rows: Sequence[dict[str, str]]
+    renderer: PromptRenderer, rows: Sequence[dict[str, str]]
 ) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Apply `renderer.budget` to training rows: the rows to train on and the counts
     `{"dropped": ..., "truncated": ...}` (rows are never modified in place)."""
@@ -71,7 +86,7 @@ def fit_rows(
 
 
 def _fit_row(
-    budget: PromptBudget, measure: ContextRenderer, index: int, row: dict[str, str]
+    budget: PromptBudget, measure: PromptRenderer, index: int, row: dict[str, str]
 ) -> tuple[str, dict[str, str] | None]:
     """`("kept", row)`, `("truncated", row with a shorter solution)` or `("dropped", None)`; `measure` is
     the renderer without its limit, so a prompt over it is measured instead of raising."""
@@ -91,7 +106,7 @@ def _fit_row(
     return ("dropped", None) if solution is None else ("truncated", {**row, "solution": solution})
 
 
-def _truncated_solution(measure: ContextRenderer, limit: int, row: dict[str, str]) -> str | None:
+def _truncated_solution(measure: PromptRenderer, limit: int, row: dict[str, str]) -> str | None:
     """The longest prefix (in tokens) of the solution whose teacher prompt fits; None if none does."""
     tokenizer = measure.tokenizer
     tokens = tokenizer.encode(row["solution"], add_special_tokens=False)

@@ -6,8 +6,11 @@
 - `EMATeacher`: an exponential moving average of the trainable weights, swapped in for the teacher
   pass and updated after every optimizer step.
 - `ModelTeacher`: a separate frozen causal LM with the student's vocabulary (e.g. a larger model of the
-  same family); with `privileged_context=False` it scores the student's own prompt (classic on-policy
+  same family); with `teacher_context=student` it scores the student's own prompt (classic on-policy
   distillation).
+
+What the teacher reads is not the teacher's business: see the teacher contexts
+(`training/teacher_contexts.py`).
 
 Every teacher is scored the same way: `with teacher.scoring(model) as view:` gives a `ScoringView` under
 `no_grad`, in eval mode, with the teacher's weights in place. Every teacher is an `nn.Module`, so its state
@@ -54,10 +57,6 @@ class ScoringView:
 class Teacher(nn.Module):
     """Base class: `attach(model)` once, `scoring(model)` around each teacher pass,
     `after_optimizer_step(model)` after each step."""
-
-    # True: the teacher context holds the privileged reference (OPSD). A separate teacher model may score the
-    # student's own prompt instead (classic on-policy distillation).
-    privileged_context: bool = True
 
     def attach(self, model: nn.Module) -> None:  # noqa: B027 - optional hook
         """Called once with the student model, before training."""
@@ -187,20 +186,13 @@ class ModelTeacher(Teacher):
 
     Args:
         model: the teacher LM (the apps build it from `teacher.model`, see `app.build_teacher`).
-        privileged_context: True: it sees the reference solution, as OPSD's teacher does; False: it sees the
-            student's own prompt (classic on-policy distillation).
         warmup: for a tiny `teacher.model`, what the app changes in the run's `warmup` to train it (e.g.
             `{steps: 3000}`: a stronger teacher); kept for the record, scoring does not use it.
     """
 
-    def __init__(
-        self, model: nn.Module, privileged_context: bool = True, warmup: Mapping | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, warmup: Mapping | None = None) -> None:
         super().__init__()
-        if not isinstance(privileged_context, bool):
-            raise ValueError(f"teacher.privileged_context={privileged_context!r} must be true or false")
         self.model = model.eval().requires_grad_(False)
-        self.privileged_context = privileged_context
         self.warmup = dict(warmup or {})
         self._register_state_dict_hook(_drop_teacher_model)
         self.register_load_state_dict_pre_hook(_keep_teacher_model)

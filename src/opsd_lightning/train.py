@@ -14,7 +14,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -166,11 +165,8 @@ def format_summary(cfg: DictConfig, metrics: dict[str, Any]) -> str:
 
 
 def algorithm_name(cfg: DictConfig) -> str:
-    """`OPSD`, `SFT`, `GRPO`, ... from the algorithm's class name, or its config's name when that config
-    specialises the class (`algorithm=ssopd` is the hybrid with the own-rollout context)."""
-    name = cfg.algorithm._target_.rsplit(".", 1)[-1].removesuffix("Module")
-    choice = HydraConfig.get().runtime.choices.get("algorithm") if HydraConfig.initialized() else None
-    return choice.upper() if choice and choice.lower() != name.lower() else name
+    """`OPSD`, `SFT`, `GRPO`, ...: the recipe's `name` (`conf/algorithm/*.yaml`), or a module's class name."""
+    return str(cfg.algorithm.get("name") or cfg.algorithm._target_.rsplit(".", 1)[-1].removesuffix("Module"))
 
 
 def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:

@@ -9,19 +9,27 @@ training rows to `context.max_prompt_tokens` once.
 from __future__ import annotations
 
 import logging
-import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from datasets import Dataset, load_dataset
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 
 from opsd_lightning.data.file_errors import describe_error, find_bad_file
+from opsd_lightning.data.sampler import ResumableRandomSampler
+from opsd_lightning.data.sources import (
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    BadRowFound,
+    local_data_files,
+    merge_columns,
+    resolve_columns,
+    to_rows,
+)
 from opsd_lightning.prompt_budget import fit_rows
 
 if TYPE_CHECKING:
@@ -29,15 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_FIELDS = ("problem", "solution")
-OPTIONAL_FIELDS = ("answer",)
-
-_DEFAULT_COLUMNS: dict[str, str | None] = {field: field for field in REQUIRED_FIELDS + OPTIONAL_FIELDS}
 # What to do with a row whose problem or solution is null, empty or whitespace-only.
 BAD_ROW_POLICIES = ("skip", "raise")
-_FORMAT_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# Rows are read from Arrow in blocks so a `max_*_samples` cap stops early on a large hub dataset.
-_READ_BLOCK_ROWS = 1024
 
 
 def collate_raw_text(rows: list[dict]) -> dict[str, list[str]]:
@@ -45,50 +46,6 @@ def collate_raw_text(rows: list[dict]) -> dict[str, list[str]]:
     batch = {field: [row[field] for row in rows] for field in REQUIRED_FIELDS}
     batch.update({field: [row.get(field, "") for row in rows] for field in OPTIONAL_FIELDS})
     return batch
-
-
-class ResumableRandomSampler(DistributedSampler):
-    """The training order: `RandomSampler`'s (the same as `DataLoader(shuffle=True, generator=...)`), sharded
-    over `num_replicas` ranks, and able to skip ahead to an epoch and a position so a resumed run sees the
-    problems it would have seen.
-
-    Every rank draws the same permutation from its own copy of the seeded generator and keeps every
-    `num_replicas`-th index from `rank` on, after padding with the first indices to a multiple of
-    `num_replicas` (as `DistributedSampler` does), so all ranks run the same number of batches. It is a
-    `DistributedSampler`, so Lightning keeps it instead of swapping in its own (which would ignore the
-    resume position). With one replica it yields exactly `RandomSampler`'s order.
-    """
-
-    def __init__(
-        self, data_source: Sized, generator: torch.Generator, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.generator = generator
-        self._order = RandomSampler(data_source, generator=generator)
-        self._skip_epochs, self._skip_samples = 0, 0
-
-    def fast_forward(self, epochs: int, samples: int) -> None:
-        """Skip `epochs` whole epochs, then the first `samples` indices of this rank's shard."""
-        self._skip_epochs, self._skip_samples = epochs, samples
-
-    def set_epoch(self, epoch: int) -> None:
-        # The order advances with the generator, epoch after epoch; Lightning's epoch number adds nothing.
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        # Replay the generator's draws of each finished epoch: the sampler's order, then the seed the next
-        # epoch's DataLoader iterator draws from the same generator before asking for indices.
-        while self._skip_epochs:
-            self._skip_epochs -= 1
-            for _ in self._order:
-                pass
-            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        order = list(self._order)
-        if self.num_replicas > 1:
-            order += order[: self.total_size - len(order)]
-            order = order[self.rank : self.total_size : self.num_replicas]
-        skip, self._skip_samples = self._skip_samples, 0
-        yield from order[skip:]
 
 
 class RawTextDataModule(L.LightningDataModule, ABC):
@@ -264,7 +221,7 @@ class ReasoningDataModule(RawTextDataModule):
         self.name = name
         self.subset = subset
         self.split = split
-        self.columns = _merge_columns(columns)
+        self.columns = merge_columns(columns)
         self.val_split = val_split
         self.val_size = _check_val_size(val_size)
         self.max_train_samples = max_train_samples
@@ -340,8 +297,8 @@ class ReasoningDataModule(RawTextDataModule):
         position_in_split: Callable[[int], int],
     ) -> tuple[list[dict[str, str]], int]:
         try:
-            return _to_rows(dataset, columns, limit, stop_at_bad_row=self.bad_rows == "raise")
-        except _BadRowFound as bad:
+            return to_rows(dataset, columns, limit, stop_at_bad_row=self.bad_rows == "raise")
+        except BadRowFound as bad:
             field = bad.defect.field
             column_note = "" if columns[field] == field else f" (column {columns[field]!r})"
             defect = "a null" if bad.defect.defect == "null" else "an empty or whitespace-only"
@@ -388,137 +345,12 @@ class ReasoningDataModule(RawTextDataModule):
         )
 
 
-def resolve_columns(
-    columns: Mapping[str, str | None],
-    available: Sequence[str],
-    source: str,
-    option: str,
-    optional: Collection[str] = (),
-    canonical_fallback: bool = False,
-) -> dict[str, str | None]:
-    """Our field -> the source column it is read from; a field mapped to None is not read.
-
-    A column the source lacks raises a ValueError naming the source, the available columns and the option
-    to set (`<option>.<field>`), except: with `canonical_fallback` (a local copy in our own layout), a
-    column named like the field is read instead; and an `optional` field left at its own name is None.
-    """
-    resolved: dict[str, str | None] = {}
-    for field, column in columns.items():
-        if column is not None and column not in available:
-            if canonical_fallback and field in available:
-                column = field
-            elif field in optional and column == field:
-                column = None
-            else:
-                raise ValueError(
-                    f"{source} has no column {column!r} for field {field!r}; available columns: "
-                    f"{list(available)}. Set {option}.{field}=<column>."
-                )
-        resolved[field] = column
-    return resolved
-
-
-def local_data_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], str]:
-    """Check that every file exists and that all share one supported format; return (files, format)."""
-    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not paths:
-        raise ValueError("`path` is an empty list; give at least one data file")
-    files, formats = [], set()
-    for entry in paths:
-        file = Path(entry).expanduser()
-        file_format = _FORMAT_BY_SUFFIX.get(file.suffix.lower())
-        if file_format is None:
-            raise ValueError(
-                f"Cannot infer the format of {file}: supported extensions are {sorted(_FORMAT_BY_SUFFIX)}"
-            )
-        if not file.is_file():
-            raise FileNotFoundError(f"Data file not found: {file}")
-        files.append(str(file))
-        formats.add(file_format)
-    if len(formats) > 1:
-        raise ValueError(f"All data files must share one format, got {sorted(formats)} for {files}")
-    return files, formats.pop()
-
-
-def _merge_columns(columns: Mapping[str, str | None] | None) -> dict[str, str | None]:
-    overrides = dict(columns or {})
-    unknown = sorted(set(overrides) - set(_DEFAULT_COLUMNS))
-    if unknown:
-        raise ValueError(f"Unknown fields {unknown} in `columns`; the fields are {list(_DEFAULT_COLUMNS)}")
-    merged = {**_DEFAULT_COLUMNS, **overrides}
-    if merged["problem"] is None:
-        raise ValueError("`columns.problem` cannot be null: every row needs a problem")
-    # `solution: null`: a source without reference solutions (every row gets ""), for algorithms that need
-    # none (algorithm=ssopd); OPSD's reference context refuses such rows when it meets them.
-    return merged
-
-
 def _check_val_size(val_size: int | float) -> int | float:
     if isinstance(val_size, float) and not 0.0 <= val_size < 1.0:
         raise ValueError(f"A fractional val_size must be in [0, 1), got {val_size}")
     if isinstance(val_size, int) and val_size < 0:
         raise ValueError(f"val_size must be >= 0, got {val_size}")
     return val_size
-
-
-class _Defect(NamedTuple):
-    """Why a row is bad: its `field` (problem or solution) is "null" or "empty" (incl. whitespace-only)."""
-
-    field: str
-    defect: str
-
-
-class _BadRowFound(Exception):
-    """Raised by `_to_rows` when asked to stop at a bad row; `position` is the row's index in its dataset."""
-
-    def __init__(self, position: int, defect: _Defect) -> None:
-        super().__init__(position, defect)
-        self.position, self.defect = position, defect
-
-
-def _row_defect(values: Mapping[str, object], columns: Mapping[str, str | None]) -> _Defect | None:
-    for field in REQUIRED_FIELDS:
-        if columns[field] is None:  # not read from this source (no reference solutions)
-            continue
-        if values[field] is None:
-            return _Defect(field, "null")
-        if not str(values[field]).strip():
-            return _Defect(field, "empty")
-    return None
-
-
-def _iter_rows(dataset: Dataset, columns: Mapping[str, str | None]) -> Iterator[dict[str, str] | _Defect]:
-    """Yield each source row with our fields as str, or the defect of a row with a bad problem/solution."""
-    used = list(dict.fromkeys(column for column in columns.values() if column is not None))
-    for block in dataset.select_columns(used).iter(batch_size=_READ_BLOCK_ROWS):
-        for index in range(len(block[used[0]])):
-            values = {
-                field: None if column is None else block[column][index] for field, column in columns.items()
-            }
-            defect = _row_defect(values, columns)
-            if defect is not None:
-                yield defect
-            else:
-                yield {field: "" if value is None else str(value) for field, value in values.items()}
-
-
-def _to_rows(
-    dataset: Dataset, columns: Mapping[str, str | None], limit: int | None, stop_at_bad_row: bool = False
-) -> tuple[list[dict[str, str]], int]:
-    """Up to `limit` usable rows of `dataset`, and how many bad rows were skipped on the way; with
-    `stop_at_bad_row`, the first bad row raises `_BadRowFound` instead."""
-    rows: list[dict[str, str]] = []
-    skipped = 0
-    for position, row in enumerate(_iter_rows(dataset, columns)):
-        if limit is not None and len(rows) >= limit:
-            break
-        if isinstance(row, _Defect):
-            if stop_at_bad_row:
-                raise _BadRowFound(position, row)
-            skipped += 1
-        else:
-            rows.append(row)
-    return rows, skipped
 
 
 def _same_position(position: int) -> int:

@@ -16,7 +16,7 @@ import lightning as L
 from datasets import load_dataset
 
 from opsd_lightning.data.arith import HELDOUT_SIZE, MAX_CHANGE, MAX_START, NUM_STEPS, ArithTask
-from opsd_lightning.data.datamodule import local_data_files, resolve_columns
+from opsd_lightning.data.sources import local_data_files, resolve_columns
 
 Row = dict[str, str]
 CANONICAL_COLUMNS = {"problem": "problem", "answer": "answer", "id": None}

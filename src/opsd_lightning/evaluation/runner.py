@@ -13,7 +13,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.contexts import ContextRenderer
-from opsd_lightning.evaluation.grading import extract_answer, grade
+from opsd_lightning.evaluation.answers import extract_answer
+from opsd_lightning.evaluation.grading import grade
 from opsd_lightning.options import build_settings
 from opsd_lightning.rollout import HFEngine, RolloutEngine, SamplingConfig
 

@@ -1,7 +1,6 @@
 """Distillation losses: per-token divergences, token weights and diagnostics, full-logits and chunked."""
 
 from opsd_lightning.losses.chunked import (
-    LossSettings,
     chunked_divergence_sum,
     chunked_objective_sum,
     naive_divergence_sum,
@@ -17,6 +16,16 @@ from opsd_lightning.losses.divergences import (
     masked_token_sum,
 )
 from opsd_lightning.losses.objective import ObjectiveSum, objective_sum
+from opsd_lightning.losses.settings import LossSettings
+from opsd_lightning.losses.terms import (
+    NLL,
+    ClippedPolicy,
+    Distill,
+    KLToReference,
+    ObjectiveTerm,
+    TermInputs,
+    TermSum,
+)
 from opsd_lightning.losses.weighting import (
     EntropyGate,
     NoWeighting,
@@ -26,6 +35,13 @@ from opsd_lightning.losses.weighting import (
 )
 
 __all__ = [
+    "NLL",
+    "ClippedPolicy",
+    "Distill",
+    "KLToReference",
+    "ObjectiveTerm",
+    "TermInputs",
+    "TermSum",
     "DIAGNOSTIC_KEYS",
     "Divergence",
     "EntropyGate",

@@ -1,36 +1,25 @@
-"""What every on-policy algorithm shares: rollouts, a token-mean loss over the whole optimizer step,
-manual optimization, accounting, and benchmark evaluation in the validation/test loops.
+"""The optimizer step of an on-policy module: a token mean over the whole step, manual optimization,
+non-finite skipping, accounting, and the checkpoint state that is not a tensor.
 
-Subclasses implement `micro_batch_loss(batch)` returning the SUM of per-token losses and the token
-count; the base class turns those into one token-mean gradient per optimizer step, across gradient
+A subclass implements `micro_batch_loss(batch, micro_index)` returning the SUM of per-token losses and the
+token count; this class turns those into one token-mean gradient per optimizer step, across gradient
 accumulation and across DDP ranks (trap 4 in docs: averaging per micro-batch weights short and long
 completions differently).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 import lightning as L
 import torch
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from opsd_lightning.algorithms.settings import StepSettings
-from opsd_lightning.batches import TokenBatch
-from opsd_lightning.contexts import ContextRenderer
-from opsd_lightning.evaluation.grading import answers_equivalent
-from opsd_lightning.evaluation.metrics import BenchmarkMetrics
-from opsd_lightning.evaluation.runner import EvalSettings, as_settings, score_problems
-from opsd_lightning.models import eos_token_ids
-from opsd_lightning.options import build_settings
-from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
+from opsd_lightning.rollout import Rollout
+from opsd_lightning.training.settings import StepSettings
 
 RAW_BATCH_KEYS = ("problem", "solution")
 
@@ -63,92 +52,35 @@ def check_raw_batch(batch: Mapping) -> None:
         )
 
 
-class PolicyModule(L.LightningModule):
-    """Base LightningModule for algorithms that train a causal LM on its own rollouts.
+class OptimizerStepper(L.LightningModule):
+    """Manual optimization with one token-mean step per `accumulate_grad_batches` micro-batches.
 
-    Args:
-        model / tokenizer: the policy (and, for OPSD, also the teacher).
-        contexts: renders student (and teacher) prompts with the chat template.
-        sampling: rollout settings for training (temperature, top_p, top_k, max_new_tokens).
-        evaluation: how benchmarks are evaluated (`EvalSettings`: sampling, num_samples, ks, ...).
-        benchmarks: names of the validation/test dataloaders, in order (metrics are `val/<name>/...`).
-        optimizer: a partial taking the trainable parameters (Hydra `_partial_: true`).
-        scheduler: optional partial taking the optimizer; stepped once per optimizer step.
-        accumulate_grad_batches: micro-batches per optimizer step (the loss is a token mean over all of them).
-        gradient_clip_val: max global grad norm, or None.
-        seed: base seed; rollouts are seeded by (seed, step, micro-batch, rank), so resumes reproduce them.
-        max_nonfinite_steps_in_a_row: an optimizer step whose loss or gradient is not finite (on any rank) is
-            skipped and counted (`train/nonfinite_steps`); after this many in a row the run saves a
-            checkpoint and stops with an error.
-        engine: what generates every rollout and evaluation sample (`conf/rollout/`: hf, vllm); told after
-            each optimizer step that the weights changed. Default: Hugging Face `generate`.
+    Subclasses set `self.model` and `self.engine` (told after each step that the weights changed), and
+    implement `micro_batch_loss` and, optionally, `after_optimizer_step` (e.g. the EMA teacher update).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        contexts: ContextRenderer,
+        steps: StepSettings,
         optimizer: Callable[..., torch.optim.Optimizer],
-        sampling: SamplingConfig | Mapping | None = None,
-        evaluation: EvalSettings | Mapping | None = None,
-        benchmarks: Sequence[str] = ("heldout",),
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        accumulate_grad_batches: int = 1,
-        gradient_clip_val: float | None = 1.0,
-        seed: int = 0,
-        max_nonfinite_steps_in_a_row: int = 3,
-        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
-        steps = StepSettings(accumulate_grad_batches, gradient_clip_val, max_nonfinite_steps_in_a_row)
         self.automatic_optimization = False  # we own the step-level token normalisation
-        self.model = model
-        self.tokenizer = tokenizer
-        self.contexts = contexts
-        self.sampling = build_settings(SamplingConfig, sampling, "algorithm.sampling")
-        self.engine = engine if engine is not None else HFEngine()
-        self.evaluation = as_settings(evaluation)
-        self.benchmarks = list(benchmarks)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        self.steps = steps
         self.accumulate_grad_batches = steps.accumulate_grad_batches
         self.gradient_clip_val = steps.gradient_clip_val
-        self.seed = seed
         self.max_nonfinite_steps_in_a_row = steps.max_nonfinite_steps_in_a_row
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.nonfinite_steps = 0  # skipped optimizer steps, saved in checkpoints
         self._nonfinite_in_a_row = 0
         self.ended_optimizer_step = False
-        self.eos_ids = eos_token_ids(model, tokenizer)
-        self.eval_metrics = nn.ModuleDict(
-            {
-                f"{stage}_{index}": BenchmarkMetrics(ks=self.evaluation.ks, equivalent=answers_equivalent)
-                for stage in ("val", "test")
-                for index in range(len(self.benchmarks))
-            }
-        )
         self.generated_tokens = 0  # cumulative over all ranks, saved in checkpoints
         self._fit_start = time.perf_counter()
         self._window: dict[str, float] = {}
         self._window_stats: dict[str, list[float]] = {}
 
-    # The settings objects __init__ builds: from top-level options (by field name), and from the option
-    # mappings under a key (the algorithm config's key -> the settings class).
-    flat_settings: ClassVar[tuple[type, ...]] = (StepSettings,)
-    nested_settings: ClassVar[dict[str, type]] = {"sampling": SamplingConfig}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        """Build, from the resolved `algorithm` config, every settings object `__init__` builds, so a bad
-        option fails before any model loads, with the message `__init__` would give."""
-        for settings_cls in cls.flat_settings:
-            names = {f.name for f in dataclasses.fields(settings_cls)}
-            settings_cls(**{key: value for key, value in options.items() if key in names})
-        for key, settings_cls in cls.nested_settings.items():
-            if options.get(key) is not None:
-                build_settings(settings_cls, options[key], f"algorithm.{key}")
-
-    # ---- what subclasses provide -------------------------------------------------------------
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
         raise NotImplementedError
 
@@ -160,7 +92,6 @@ class PolicyModule(L.LightningModule):
         self.train()
         self._fit_start = time.perf_counter()
 
-    # ---- shared pieces ----------------------------------------------------------------------
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
@@ -173,11 +104,6 @@ class PolicyModule(L.LightningModule):
 
     def rollout_seed(self, micro_index: int) -> int:
         return hash((self.seed, self.global_step, micro_index, self.global_rank)) % (2**31)
-
-    def rollout(self, prompt: TokenBatch, sampling: SamplingConfig, seed: int | None) -> Rollout:
-        return self.engine.generate(
-            self.model, prompt, sampling, self.eos_ids, self.tokenizer.pad_token_id, seed
-        )
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         check_raw_batch(batch)
@@ -295,45 +221,6 @@ class PolicyModule(L.LightningModule):
         )
         self.generated_tokens += total
         return total
-
-    # ---- benchmark evaluation ----------------------------------------------------------------
-    def _evaluate(self, batch: Mapping, batch_idx: int, stage: str, dataloader_idx: int) -> None:
-        # Seeded by position, as opsd-eval does: every evaluation of the same model draws the same
-        # samples, and before/after comparisons share their random numbers.
-        seed = self.seed + batch_idx * self.evaluation.problems_per_batch
-        results = score_problems(
-            self.model, self.tokenizer, self.contexts, batch, self.evaluation, self.eos_ids, seed, self.engine
-        )
-        self.eval_metrics[f"{stage}_{dataloader_idx}"].update(results)
-
-    def _log_eval_metrics(self, stage: str) -> None:
-        """`<stage>/<benchmark>/<metric>`, computed over all batches and ranks, then reset."""
-        for index, name in enumerate(self.benchmarks):
-            metric = self.eval_metrics[f"{stage}_{index}"]
-            if not metric.update_called:
-                continue
-            for key, value in metric.compute().items():
-                key = self.evaluation.metric_name(key)
-                self.log(
-                    f"{stage}/{name}/{key}",
-                    value,
-                    prog_bar=key.startswith("avg@"),
-                    add_dataloader_idx=False,
-                    sync_dist=False,
-                )
-            metric.reset()
-
-    def validation_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, "val", dataloader_idx)
-
-    def test_step(self, batch: Mapping, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(batch, batch_idx, "test", dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_metrics("test")
 
     # ---- checkpoint state that is not a tensor ------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,1 @@
+"""The parts of `opsd-report` (report.py): a multirun's jobs, their curves, the tables and the plots."""
