@@ -210,3 +210,9 @@ def test_graph_counts_a_package_import_only_when_it_closes_a_loop(tmp_path: Path
 
     (package / "sub.py").write_text("from pkg import name\n")
     assert import_cycles(import_graph(tmp_path, "pkg")) == ["pkg -> pkg.sub -> pkg (component: pkg, pkg.sub)"]
+
+
+def test_the_readme_stays_a_five_minute_read() -> None:
+    """The README is for a newcomer: under 300 lines, the details in docs/ (issue 19)."""
+    readme = SRC.parent / "README.md"
+    assert len(readme.read_text().splitlines()) < 300

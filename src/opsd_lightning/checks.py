@@ -24,6 +24,7 @@ from opsd_lightning.options import build_settings
 from opsd_lightning.prompt_budget import PromptBudget
 from opsd_lightning.teachers import check_output_vocabulary, check_same_tokenizer
 from opsd_lightning.training.recipes import check_recipe_options
+from opsd_lightning.training.stepper import check_strategy
 from opsd_lightning.warmup import WarmupConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def check_config(cfg: DictConfig) -> None:
             instantiate(cfg[group])
     build_settings(EvalSettings, _resolved(cfg.evaluation), "evaluation")
     check_recipe_options(cfg.algorithm)
+    strategy = (cfg.get("trainer") or {}).get("strategy")
+    check_strategy(str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy or ""))
     algorithm = get_class(cfg.algorithm._target_)
     if hasattr(algorithm, "check_options"):  # a user's own LightningModule may have none
         algorithm.check_options(_resolved(cfg.algorithm))

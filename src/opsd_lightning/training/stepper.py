@@ -87,6 +87,9 @@ class OptimizerStepper(L.LightningModule):
     def after_optimizer_step(self) -> None:
         """Hook for subclasses (e.g. the EMA teacher update)."""
 
+    def on_fit_start(self) -> None:
+        check_strategy(type(self.trainer.strategy).__name__)
+
     def on_train_start(self) -> None:
         # from_pretrained leaves models in eval mode and Lightning keeps modes as it finds them.
         self.train()
@@ -132,7 +135,14 @@ class OptimizerStepper(L.LightningModule):
 
     def _optimizer_step(self) -> None:
         optimizer = self.optimizers()
-        faults = float(not math.isfinite(self._window["loss_sum"]) or not self._gradients_are_finite())
+        grads = optimized_gradients(optimizer)
+        # fp16 AMP (`16-mixed`): the gradients are still multiplied by the scaler's scale here (Lightning
+        # unscales them inside `optimizer.step()`, after this method; Lightning issue 18089). A non-finite one
+        # is the scaler's business: it skips that step and lowers its scale. The clip threshold is scaled too.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        nonfinite_grads = scaler is None and not gradients_are_finite(grads)
+        faults = float(not math.isfinite(self._window["loss_sum"]) or nonfinite_grads)
         totals = torch.tensor(
             [self._window["loss_sum"], self._window["num_tokens"], faults], device=self.device
         )
@@ -145,13 +155,13 @@ class OptimizerStepper(L.LightningModule):
         self._nonfinite_in_a_row = 0
         if num_tokens > 0:
             # Each rank back-propagated its token SUM and DDP averaged over ranks: rescale to a global mean.
-            scale = self.trainer.world_size / num_tokens
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            # The gradients are those the optimizer steps with (under FSDP, its sharded ones).
+            torch._foreach_mul_(grads, self.trainer.world_size / num_tokens)
             if self.gradient_clip_val:
                 self.clip_gradients(
-                    optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+                    optimizer,
+                    gradient_clip_val=self.gradient_clip_val * grad_scale,
+                    gradient_clip_algorithm="norm",
                 )
         else:
             # Nothing to learn from (e.g. every rollout truncated and masked). Still take the step, with
@@ -177,11 +187,6 @@ class OptimizerStepper(L.LightningModule):
         self.log("train/wall_seconds", time.perf_counter() - self._fit_start)
         for name, values in self._window_stats.items():
             self.log(f"train/{name}", sum(values) / len(values), prog_bar=name == "completion_length")
-
-    def _gradients_are_finite(self) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # One fused norm per tensor: a NaN or an Inf anywhere makes its norm non-finite.
-        return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
 
     def _skip_nonfinite_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop this step's gradients (no optimizer, scheduler or teacher update); stop after too many."""
@@ -242,3 +247,26 @@ class OptimizerStepper(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def optimized_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients the optimizer will step with: its own parameters' (under FSDP, the flat sharded ones)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # under a LightningOptimizer
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def gradients_are_finite(grads: list[torch.Tensor]) -> bool:
+    # One fused norm per tensor: a NaN or an Inf anywhere makes its norm non-finite.
+    return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+
+def check_strategy(name: str) -> None:
+    """Refuse a strategy under which the token-mean rescale would silently do nothing: DeepSpeed keeps the
+    gradients in its own (ZeRO-partitioned) buffers, out of reach of the optimizer's `param.grad`."""
+    if "deepspeed" in name.lower():
+        raise ValueError(
+            f"trainer.strategy={name}: DeepSpeed keeps gradients in its own partitioned buffers, where the "
+            "token mean over the optimizer step (a rescale of the gradients before the step) cannot reach "
+            "them, so the loss would be a token sum. Use trainer=ddp, or trainer=fsdp to shard parameters, "
+            "gradients and optimizer states"
+        )
