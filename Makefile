@@ -31,7 +31,7 @@ train: $(STAMP)
 
 # One experiment of experiments/ (a Hydra multirun + opsd-report): make experiment NAME=paper_table_mini
 experiment: $(STAMP)
-	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<one of: $$(ls experiments | grep -v custom | tr '\n' ' ')>"; exit 2; }
+	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<one of: $$(ls experiments/*/run.sh | cut -d/ -f2 | tr '\n' ' ')>"; exit 2; }
 	@test -f experiments/$(NAME)/run.sh || { echo "experiments/$(NAME)/run.sh does not exist"; exit 2; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash experiments/$(NAME)/run.sh $(ARGS)
 

@@ -44,7 +44,9 @@ def instantiate_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
             data_cfg._target_,
             unknown,
         )
-        data_cfg = OmegaConf.masked_copy(data_cfg, [k for k in data_cfg if k not in unknown])
+        # Resolved first: a masked copy is cut off from the root, where `seed: ${seed}` would point at itself.
+        kept = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in unknown}
+        data_cfg = OmegaConf.create(kept)
     elif unknown:
         raise ValueError(
             f"data: {data_cfg._target_} does not accept the option(s) {unknown}; "

@@ -5,11 +5,13 @@ for its parts to read as `${algorithm.<option>}`: one knob, one place, even when
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+log = logging.getLogger(__name__)
 _READ = re.compile(r"\$\{algorithm\.([A-Za-z_]\w*)")
 
 
@@ -20,8 +22,10 @@ def recipe_options(algorithm: DictConfig) -> set[str]:
 
 
 def check_recipe_options(algorithm: DictConfig) -> None:
-    """Every top-level key of the algorithm config is an argument of its module or read by one of its parts,
-    so a misspelt option in a recipe of one's own fails before any model loads."""
+    """Warn about a top-level key of the algorithm config that is neither an argument of its module nor read
+    by one of its parts: a misspelt option in a recipe of one's own, or an option of a part the recipe no longer
+    has (`algorithm.loss` once `algorithm.terms` holds no distill term). A misspelling on the command line is
+    refused by Hydra itself."""
     target = get_class(algorithm._target_)
     parameters = inspect.signature(target).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
@@ -31,8 +35,9 @@ def check_recipe_options(algorithm: DictConfig) -> None:
     known = {name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD}
     unread = sorted(set(algorithm.keys()) - known - recipe_options(algorithm) - {"_target_"})
     if unread:
-        raise ValueError(
-            f"algorithm: {', '.join(f'algorithm.{key}' for key in unread)} is neither an argument of "
-            f"{algorithm._target_} nor read by one of the recipe's parts (as ${{algorithm.<option>}}); "
-            "check its spelling"
+        log.warning(
+            "%s: neither an argument of %s nor read by one of the recipe's parts (as ${algorithm.<option>}), "
+            "so it changes nothing: check its spelling",
+            ", ".join(f"algorithm.{key}" for key in unread),
+            algorithm._target_,
         )
