@@ -23,9 +23,9 @@ def recipe_options(algorithm: DictConfig) -> set[str]:
 
 def check_recipe_options(algorithm: DictConfig) -> None:
     """Warn about a top-level key of the algorithm config that is neither an argument of its module nor read
-    by one of its parts: a misspelt option in a recipe of one's own, or an option of a part the recipe no longer
-    has (`algorithm.loss` once `algorithm.terms` holds no distill term). A misspelling on the command line is
-    refused by Hydra itself."""
+    by one of its parts: a misspelt option in a recipe of one's own, or an option of a part the recipe no
+    longer has (`algorithm.loss` once `algorithm.terms` holds no distill term). A misspelling on the command
+    line is refused by Hydra itself."""
     target = get_class(algorithm._target_)
     parameters = inspect.signature(target).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
