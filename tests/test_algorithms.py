@@ -138,7 +138,11 @@ def test_grpo_with_all_equal_rewards_leaves_the_policy_unchanged(fresh_tiny, tmp
 GRPO_OPTION_ERRORS = [
     ("group_size", 1, "algorithm.group_size=1 must be an integer >= 2"),
     ("clip", 1.5, r"algorithm.clip=1.5 must be in \(0, 1\)"),
-    ("kl_coef", -0.1, r"kl_to_reference term's weight=-0.1 must be >= 0"),
+    (
+        "kl_coef",
+        -0.1,
+        r"KLToReference's weight=-0.1 must be >= 0 \(in the shipped recipes: .*algorithm.kl_coef",
+    ),
 ]
 
 

@@ -369,8 +369,18 @@ OPTION_ERRORS = {
         "algorithm.reward_weight=0 and algorithm.distill_weight=0",
         False,
     ),
-    "reward-weight": ({"reward_weight": -1.0}, None, r"policy_loss term's weight=-1.0 must be >= 0", True),
-    "distill-weight": ({"distill_weight": -0.5}, None, r"divergence term's weight=-0.5 must be >= 0", True),
+    "reward-weight": (
+        {"reward_weight": -1.0},
+        None,
+        r"ClippedPolicy's weight=-1.0 must be >= 0 \(in the shipped recipes: .*algorithm.reward_weight",
+        True,
+    ),
+    "distill-weight": (
+        {"distill_weight": -0.5},
+        None,
+        r"Distill's weight=-0.5 must be >= 0 \(in the shipped recipes: algorithm.distill_weight",
+        True,
+    ),
     "mode": ({"mode": "mix"}, None, r"algorithm.mode='mix': use one of \['sum', 'rlsd'\]", True),
     "rlsd-no-reward": (
         {"mode": "rlsd", "reward_weight": 0.0},
@@ -420,21 +430,11 @@ def test_options_are_checked_on_construction_and_by_the_preflight_check(
         build_with(fresh_tiny, options, context)
 
 
-PREFLIGHT_WRAPS = pytest.mark.xfail(
-    strict=True,
-    raises=InstantiationException,
-    reason="src bug: OnPolicyModule.check_options (training/module.py) builds the sampler, the terms and the "
-    "teacher context with hydra's `instantiate`, which wraps their ValueError in an "
-    "InstantiationException ('Error in call to target ...: ValueError(...)'); the old check_options raised "
-    "the module's own ValueError with the module's message",
-)
-
-
 @pytest.mark.parametrize(
     ("options", "context", "message"),
     [
-        pytest.param(options, context, message, id=name, marks=[PREFLIGHT_WRAPS] if wrapped else [])
-        for name, (options, context, message, wrapped) in OPTION_ERRORS.items()
+        pytest.param(options, context, message, id=name)
+        for name, (options, context, message, _) in OPTION_ERRORS.items()
     ],
 )
 def test_the_preflight_check_raises_the_modules_own_error(fresh_tiny, tmp_path, options, context, message):
@@ -452,12 +452,6 @@ def test_an_unknown_teacher_context_is_rejected_on_composition(tmp_path):
     assert "own_rollout" in str(caught.value)  # the error lists the contexts there are
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: src/opsd_lightning/checks.py EXCLUSIVE_GROUPS lacks teacher_context, so "
-    "teacher_context=[own_rollout,reason_first] merges both nodes into one (the last _target_ wins) "
-    "instead of failing with 'selects several teacher_context configs'",
-)
 def test_two_teacher_contexts_at_once_are_rejected(tmp_path):
     """Was `privileged_context=own_rollout` with `reason_first=true`: two teacher contexts cannot both be."""
     cfg = compose_train(["algorithm=hybrid", "teacher_context=[own_rollout,reason_first]"], tmp_path)
@@ -465,25 +459,14 @@ def test_two_teacher_contexts_at_once_are_rejected(tmp_path):
         check_config(cfg)
 
 
-def test_own_rollout_with_single_rollouts_fails_on_its_first_step(fresh_tiny):
-    """The own-rollout context reads graded groups: with OPSD's single rollouts it has none."""
-    module = opsd_module(fresh_tiny, teacher_context=OwnRolloutContext())
-    with pytest.raises(ValueError, match="teacher_context=own_rollout .* needs graded groups"):
-        one_step(module, train_batch())
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap in src: OnPolicyModule.__init__ and check_options (training/module.py) accept "
-    "OwnRolloutContext with a SingleSampler (algorithm=opsd teacher_context=own_rollout); it only fails on "
-    "the first training step, after the model has loaded (the old HybridModule rejected a context it could "
-    "not build, reason_first with own_rollout, when it was built)",
-)
 def test_own_rollout_with_single_rollouts_is_rejected_before_training(fresh_tiny, tmp_path):
-    with pytest.raises((ValueError, InstantiationException), match="own_rollout"):
-        cfg = compose_train(["algorithm=opsd", "teacher_context=own_rollout"], tmp_path)
+    """The own-rollout context reads graded groups: with OPSD's single rollouts it has none, which the
+    pre-flight check and the module both say before any training step."""
+    message = "OwnRolloutContext reads each group's graded rollouts; SingleSampler draws one rollout"
+    cfg = compose_train(["algorithm=opsd", "teacher_context=own_rollout"], tmp_path)
+    with pytest.raises(ValueError, match=message):
         OnPolicyModule.check_options(OmegaConf.to_container(cfg.algorithm, resolve=True))
-    with pytest.raises(ValueError, match="own_rollout"):
+    with pytest.raises(ValueError, match=message):
         opsd_module(fresh_tiny, teacher_context=OwnRolloutContext())
 
 
