@@ -512,5 +512,12 @@ def test_micro_batches_give_the_whole_batch_gradients(fresh_tiny, mixed_rewards,
     sliced = one_step(hybrid_module(fresh_tiny, mode=mode, micro_batch_size=3), batch)
     whole.pop("stats"), sliced.pop("stats")
     assert sliced.keys() == whole.keys()
-    for name, value in sliced.items():
-        torch.testing.assert_close(value, whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("loss_sum", "tokens"):
+        torch.testing.assert_close(sliced.pop(name), whole.pop(name), rtol=1e-4, atol=1e-6, msg=name)
+    # The slices sum the same fp32 per-token gradients in another order. Entry by entry those sums cancel to
+    # ~0 in places, where a relative tolerance measures the CPU's summation order (0.56 of rtol 1e-4 under
+    # ATEN_CPU_CAPABILITY=default): compare the whole gradient by its norm, which a dropped or doubled slice
+    # moves by a fraction of itself and reordering by ~eps32 x the number of tokens summed (~100).
+    difference = torch.cat([(sliced[name] - whole[name]).flatten() for name in whole]).norm()
+    scale = torch.cat([value.flatten() for value in whole.values()]).norm()
+    assert difference <= 100 * torch.finfo(torch.float32).eps * scale, f"{difference / scale:.2e} of the norm"
