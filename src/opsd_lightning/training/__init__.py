@@ -17,6 +17,7 @@ from opsd_lightning.training.teacher_contexts import (
     StudentContext,
     TeacherContext,
     TeacherPrompts,
+    reference_solutions,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "StudentContext",
     "TeacherContext",
     "TeacherPrompts",
+    "reference_solutions",
 ]

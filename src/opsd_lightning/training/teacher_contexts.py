@@ -6,12 +6,13 @@ and says which rows have one (the others leave the terms that need a teacher):
 - `OwnRolloutContext`: the group's shortest correct rollout, its ids spliced in verbatim (SSOPD).
 - `StudentContext`: the student's own prompt (classic on-policy distillation from a separate teacher).
 - `ReasonFirstContext`: the reference, after an explanation of it that the teacher's weights generate.
-A strategy of your own subclasses `TeacherContext` (see docs/extending.md).
+A strategy of your own subclasses `TeacherContext` (docs/extending.md shows OP²SD's, a worked solution of
+another problem of the batch: `experiments/extending/other_problem_context.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from opsd_lightning.batches import TokenBatch, left_pad
 from opsd_lightning.contexts import ContextRenderer
 from opsd_lightning.options import build_settings
-from opsd_lightning.rollout import HFEngine, SamplingConfig
+from opsd_lightning.rollout import HFEngine, Rollout, SamplingConfig
 from opsd_lightning.teachers import Teacher
 from opsd_lightning.training.episodes import Episodes, repeat_rows
 
@@ -49,7 +50,7 @@ class ContextTools:
     eos_ids: Sequence[int]
     device: torch.device
     seed: int
-    count_generated: object = None
+    count_generated: Callable[[Rollout], int] | None = None
 
 
 class TeacherContext:
