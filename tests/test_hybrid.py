@@ -521,3 +521,17 @@ def test_micro_batches_give_the_whole_batch_gradients(fresh_tiny, mixed_rewards,
     difference = torch.cat([(sliced[name] - whole[name]).flatten() for name in whole]).norm()
     scale = torch.cat([value.flatten() for value in whole.values()]).norm()
     assert difference <= 100 * torch.finfo(torch.float32).eps * scale, f"{difference / scale:.2e} of the norm"
+
+
+def test_rlsd_with_the_ema_teacher_takes_the_fixed_teachers_first_step(fresh_tiny, mixed_rewards):
+    """The EMA teacher swaps its weights in while the distill term's student graph is alive (RLSD scores the
+    teacher after the student). It once wrote them in place, and backward failed ("modified by an inplace
+    operation"). At the first step the EMA is the initial weights, so the step is the fixed teacher's."""
+    from opsd_lightning.teachers import EMATeacher, FixedTeacher
+
+    batch = train_batch()
+    fixed = one_step(hybrid_module(fresh_tiny, mode="rlsd", teacher=FixedTeacher()), batch)
+    ema = one_step(hybrid_module(fresh_tiny, mode="rlsd", teacher=EMATeacher(decay=0.5)), batch)
+    fixed.pop("stats"), ema.pop("stats")
+    for name, value in fixed.items():
+        torch.testing.assert_close(ema[name], value, rtol=0, atol=0, msg=name)

@@ -149,18 +149,18 @@ class EMATeacher(Teacher):
 
     @contextlib.contextmanager
     def _weights_in_place(self, model: nn.Module) -> Iterator[nn.Module]:
-        # Swap EMA weights in, score, swap the live weights back; costs two copies of the trainable set.
+        # Point each trainable parameter at its EMA values, score, point it back: `.data` is swapped, never
+        # written into, so a student graph that saved these parameters for its backward (an earlier term of
+        # the same micro-batch) still finds them unchanged, and nothing is copied.
         pairs = [(param, self.shadow[self._key(name)]) for name, param in self._trainable(model)]
-        live = [param.detach().clone() for param, _ in pairs]
+        live = [param.data for param, _ in pairs]
         try:
-            with torch.no_grad():
-                for param, ema in pairs:
-                    param.copy_(ema)
+            for param, ema in pairs:
+                param.data = ema.data
             yield model
         finally:
-            with torch.no_grad():
-                for (param, _), saved in zip(pairs, live, strict=True):
-                    param.copy_(saved)
+            for (param, _), data in zip(pairs, live, strict=True):
+                param.data = data
 
     def _view(self, model: nn.Module, scoring_model: nn.Module) -> ScoringView:
         # A trainable output layer is swapped back on exit: the view keeps its EMA values (the shadow itself).
