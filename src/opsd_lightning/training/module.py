@@ -8,7 +8,7 @@
 Every algorithm is a recipe of parts (`conf/algorithm/`): OPSD is [Distill] on single rollouts with the
 reference context; GRPO [ClippedPolicy, KLToReference] on groups; the hybrid both families; SSOPD [Distill]
 on groups with the own-rollout context; SFT [NLL] on reference episodes. The optimizer step, the token mean
-and non-finite skipping live in `OptimizerStepper`'s base here; evaluation in `BenchmarkEvaluation`.
+and non-finite skipping live in the base class (`training/stepper.py`), evaluation in `BenchmarkEvaluation`.
 """
 
 from __future__ import annotations
