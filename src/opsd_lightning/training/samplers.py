@@ -20,6 +20,7 @@ from opsd_lightning.evaluation.grading import extract_answer, grade
 from opsd_lightning.losses.policy_gradient import group_advantages
 from opsd_lightning.rollout import Rollout, completion_mask_from_ids
 from opsd_lightning.training.episodes import Episodes, repeat_rows
+from opsd_lightning.training.settings import at_least
 
 
 @dataclass
@@ -102,8 +103,7 @@ class GroupSampler(Sampler):
     """
 
     def __init__(self, group_size: int = 4, mask_truncated: bool = False) -> None:
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 2:
-            raise ValueError(f"algorithm.group_size={group_size!r} must be an integer >= 2")
+        at_least("group_size", group_size, 2)
         self.group_size = group_size
         self.mask_truncated = mask_truncated
 
