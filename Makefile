@@ -42,9 +42,10 @@ bench: $(STAMP)
 # The whole fast suite, then (when no ARGS narrow it) the numerics-sensitive files again under other float
 # kernels: no SIMD and one thread sum in another order than this CPU's, so a tolerance that only holds for
 # one CPU fails here rather than on a user's machine (docs/reproducibility.md, "Tests on every CPU").
-NUMERICS_TESTS := tests/test_divergences.py tests/test_chunked_loss.py tests/test_objectives.py \
-	tests/test_properties.py tests/test_precision.py tests/test_opsd_module.py tests/test_hybrid.py \
-	tests/test_teacher_model.py tests/test_algorithms.py tests/test_golden_step_values.py
+NUMERICS_TESTS := tests/objectives/test_divergences.py tests/objectives/test_chunked_loss.py \
+	tests/objectives/test_objectives.py tests/objectives/test_properties.py tests/models/test_precision.py \
+	tests/training/test_opsd_module.py tests/training/test_hybrid.py tests/teachers/test_teacher_model.py \
+	tests/training/test_algorithms.py tests/test_golden_step_values.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -67,8 +67,8 @@ def opsd_module(
     teacher,
     SGD, 6 sampled tokens per rollout. The distill term's options are arguments; any module argument
     (`teacher`, `teacher_context`, `micro_batch_size`, ...) can be overridden."""
-    from opsd_lightning.losses import Distill, ForwardKL
-    from opsd_lightning.training import SingleSampler
+    from opsd_lightning.objectives import Distill, ForwardKL
+    from opsd_lightning.rollout.samplers import SingleSampler
 
     distill = Distill(divergence or ForwardKL(), weighting, loss, diagnostics)
     return policy_module(loaded, [distill], SingleSampler(mask_truncated), **overrides)
@@ -80,9 +80,9 @@ def policy_module(loaded, terms, sampler, **overrides):
     SGD, 6 sampled tokens, greedy 6-token evaluation)."""
     import functools
 
-    from opsd_lightning.contexts import ContextRenderer
-    from opsd_lightning.teachers import FixedTeacher
-    from opsd_lightning.training import OnPolicyModule
+    from opsd_lightning.contexts.renderer import ContextRenderer
+    from opsd_lightning.teachers.modes import FixedTeacher
+    from opsd_lightning.training.module import OnPolicyModule
 
     settings = {
         "optimizer": functools.partial(torch.optim.SGD, lr=0.1),
@@ -101,8 +101,8 @@ def policy_module(loaded, terms, sampler, **overrides):
 
 def distill_sum(module, student_prompt, teacher_prompt, completion_ids, completion_mask, loss_mask):
     """The module's Distill term summed over `loss_mask`'s tokens of these rows (student grad only)."""
-    from opsd_lightning.losses import Distill, TermInputs
-    from opsd_lightning.training import Episodes
+    from opsd_lightning.objectives import Distill, TermInputs
+    from opsd_lightning.rollout.episodes import Episodes
 
     (distill,) = [term for term in module.terms if isinstance(term, Distill)]
     rows = len(completion_ids)

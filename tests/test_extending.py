@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO_ROOT
-from .test_configs import compose_train
-from .test_train import TINY
+from tests.cli.test_configs import compose_train
+from tests.cli.test_train import TINY
+from tests.conftest import REPO_ROOT
 
 EXTENDING = REPO_ROOT / "experiments" / "extending"
 SEARCHPATH = f"hydra.searchpath=[file://{EXTENDING / 'conf'}]"
@@ -35,7 +35,7 @@ def extending(monkeypatch):
 
 def run(overrides: list[str], tmp_path: Path) -> dict:
     """One `opsd-train` job in this process, its config composed and left unresolved as the app leaves it."""
-    from opsd_lightning.train import train
+    from opsd_lightning.cli.train import train
 
     return train(compose_train([SEARCHPATH, *overrides], tmp_path, resolve=False))
 
@@ -44,7 +44,7 @@ def run(overrides: list[str], tmp_path: Path) -> dict:
 def test_skew_kl_matches_its_closed_forms(extending):
     from skew_kl import skew_kl
 
-    from opsd_lightning.losses import ForwardKL
+    from opsd_lightning.objectives import ForwardKL
 
     torch.manual_seed(0)
     student = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
@@ -83,7 +83,7 @@ def test_skew_kl_recipe_trains_one_step(extending, tmp_path):
 
 
 def test_skew_kl_plugs_into_opsd_from_the_command_line(extending, tmp_path, caplog):
-    from opsd_lightning.checks import check_config
+    from opsd_lightning.cli.checks import check_config
 
     terms = "algorithm.terms=[{_target_: skew_kl.SkewKL, alpha: 0.1}]"
     # OPSD's Distill options have no reader once its terms are replaced: the pre-flight check says so...
@@ -101,9 +101,9 @@ def test_skew_kl_plugs_into_opsd_from_the_command_line(extending, tmp_path, capl
 
 # ---- 2. a teacher context: OP²SD's -------------------------------------------------------------------
 def context_tools(loaded):
-    from opsd_lightning.contexts import ContextRenderer
-    from opsd_lightning.teachers import DynamicTeacher
-    from opsd_lightning.training import ContextTools
+    from opsd_lightning.contexts.renderer import ContextRenderer
+    from opsd_lightning.contexts.teacher import ContextTools
+    from opsd_lightning.teachers.modes import DynamicTeacher
 
     return ContextTools(
         ContextRenderer(loaded.tokenizer),
@@ -117,8 +117,8 @@ def context_tools(loaded):
 
 
 def episodes_of(problems: list[str], group_size: int):
-    from opsd_lightning.batches import left_pad
-    from opsd_lightning.training import Episodes
+    from opsd_lightning.contexts.batches import left_pad
+    from opsd_lightning.rollout.episodes import Episodes
 
     rows = len(problems) * group_size
     ones = torch.ones(rows, 2, dtype=torch.bool)
@@ -193,7 +193,7 @@ def test_blocks_datamodule_trains_through_opsd_train(extending, tmp_path):
 
 
 def test_the_data_target_override_builds_the_datamodule(extending, tmp_path):
-    from opsd_lightning.app import instantiate_datamodule
+    from opsd_lightning.cli.app import instantiate_datamodule
 
     overrides = [
         "data._target_=blocks_datamodule.TextBlocksDataModule",
@@ -213,7 +213,7 @@ def test_the_documented_command_runs_all_three_extensions(tmp_path):
         "OPSD_CACHE_DIR": str(tmp_path),
     }
     command = [
-        sys.executable, "-m", "opsd_lightning.train", "hydra.searchpath=[file://experiments/extending/conf]",
+        sys.executable, "-m", "opsd_lightning.cli.train", "hydra.searchpath=[file://experiments/extending/conf]",
         "algorithm=skew_kl", "teacher_context=other_problem", "data=blocks", "data.batch_size=2",
         f"hydra.run.dir={tmp_path / 'run'}", "logger=none", "callbacks=none", *FAST, "trainer.max_steps=1",
     ]  # fmt: skip

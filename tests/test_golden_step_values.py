@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .golden import record_step_values as golden
+from tests.golden import record_step_values as golden
 
 RECORDED = json.loads(golden.DEFAULT_OUT.read_text())
 COMBINATIONS: dict[str, dict[str, Any]] = RECORDED["combinations"]

@@ -35,10 +35,11 @@ from loss_bench import markdown_table, run_loss_bench  # noqa: E402
 
 def _opsd_module(loaded, backend: str, micro_batch_size: int | None, max_new_tokens: int):
     """OPSD's parts (`conf/algorithm/opsd.yaml`): [Distill] on single rollouts, the reference context."""
-    from opsd_lightning.contexts import ContextRenderer
-    from opsd_lightning.losses import Distill, ForwardKL
-    from opsd_lightning.teachers import FixedTeacher
-    from opsd_lightning.training import OnPolicyModule, SingleSampler
+    from opsd_lightning.contexts.renderer import ContextRenderer
+    from opsd_lightning.objectives import Distill, ForwardKL
+    from opsd_lightning.rollout.samplers import SingleSampler
+    from opsd_lightning.teachers.modes import FixedTeacher
+    from opsd_lightning.training.module import OnPolicyModule
 
     return OnPolicyModule(
         model=loaded.model,
@@ -56,8 +57,8 @@ def _opsd_module(loaded, backend: str, micro_batch_size: int | None, max_new_tok
 def _distill_sum(module, prompt, teacher_prompt, rollout, rows: slice) -> torch.Tensor:
     """The module's distill term summed over these rows' completion tokens (student grad only), as a training
     step computes it for one micro-batch slice."""
-    from opsd_lightning.losses import TermInputs
-    from opsd_lightning.training import Episodes
+    from opsd_lightning.objectives import TermInputs
+    from opsd_lightning.rollout.episodes import Episodes
 
     mask = rollout.completion_mask[rows]
     count = len(mask)
@@ -185,7 +186,7 @@ def _engine_rates(engine, loaded, prompt, max_new_tokens: int, repeats: int) -> 
 
 def run_rollout_bench(num_prompts: int, max_new_tokens: int, repeats: int) -> dict:
     """Rollout tokens/s with `rollout=hf` and `rollout=vllm` on the same tiny model and prompts."""
-    from opsd_lightning.contexts import ContextRenderer
+    from opsd_lightning.contexts.renderer import ContextRenderer
     from opsd_lightning.data.arith import generate_examples
     from opsd_lightning.models import build_tiny
     from opsd_lightning.rollout import HFEngine

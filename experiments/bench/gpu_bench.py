@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from opsd_lightning.batches import TokenBatch
-from opsd_lightning.losses import GeneralizedJSD
-from opsd_lightning.losses.chunked import chunked_divergence_sum, naive_divergence_sum
+from opsd_lightning.contexts.batches import TokenBatch
+from opsd_lightning.objectives import GeneralizedJSD
+from opsd_lightning.objectives.chunked import chunked_divergence_sum, naive_divergence_sum
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts
 
 BETA, TEMPERATURE = 0.5, 1.1

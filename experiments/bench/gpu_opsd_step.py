@@ -24,15 +24,16 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from opsd_lightning.callbacks import SaveAdapters
-from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.contexts.renderer import ContextRenderer
 from opsd_lightning.data.arith import generate_examples
 from opsd_lightning.data.datamodule import collate_raw_text
-from opsd_lightning.losses import Distill, ForwardKL
 from opsd_lightning.models import build_tiny
-from opsd_lightning.peft_utils import apply_peft
-from opsd_lightning.teachers import FixedTeacher
-from opsd_lightning.training import OnPolicyModule, SingleSampler
+from opsd_lightning.models.lora import apply_peft
+from opsd_lightning.objectives import Distill, ForwardKL
+from opsd_lightning.rollout.samplers import SingleSampler
+from opsd_lightning.teachers.modes import FixedTeacher
+from opsd_lightning.training.callbacks import SaveAdapters
+from opsd_lightning.training.module import OnPolicyModule
 
 LORA = {
     "r": 64,
@@ -134,7 +135,7 @@ def main() -> None:
         with model.disable_adapter():
             base = model(input_ids=probe).logits.float()
         # Keep the adapters in bf16: peft upcasts them to float32 by default, which changes the logits by
-        # bf16 rounding (tests/test_adapters.py).
+        # bf16 rounding (tests/models/test_adapters.py).
         model.load_adapter(
             str(checkpoints / "adapter-last"), adapter_name="reloaded", autocast_adapter_dtype=False
         )

@@ -49,17 +49,18 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
-from opsd_lightning.batches import TokenBatch
-from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.contexts.batches import TokenBatch
+from opsd_lightning.contexts.renderer import ContextRenderer
 from opsd_lightning.data.arith import generate_examples
 from opsd_lightning.data.datamodule import collate_raw_text
-from opsd_lightning.losses import Distill, ForwardKL
 from opsd_lightning.models import build_tiny_tokenizer, enable_gradient_checkpointing, eos_token_ids
-from opsd_lightning.peft_utils import apply_peft
+from opsd_lightning.models.lora import apply_peft
+from opsd_lightning.objectives import Distill, ForwardKL
 from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig, VLLMEngine
+from opsd_lightning.rollout.samplers import SingleSampler
 from opsd_lightning.rollout.vllm import prompt_token_lists
-from opsd_lightning.teachers import FixedTeacher
-from opsd_lightning.training import OnPolicyModule, SingleSampler
+from opsd_lightning.teachers.modes import FixedTeacher
+from opsd_lightning.training.module import OnPolicyModule
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_opsd_step import LORA, Timing  # noqa: E402

@@ -27,7 +27,7 @@ IMPLEMENTATIONS = ("naive", "chunked", "chunked_recompute")
 
 
 def _divergence(case: str, temperature: float):
-    from opsd_lightning.losses.divergences import ForwardKL, GeneralizedJSD, TopK
+    from opsd_lightning.objectives.divergences import ForwardKL, GeneralizedJSD, TopK
 
     builders = {
         "forward_kl": lambda: ForwardKL(temperature=temperature),
@@ -52,7 +52,7 @@ def _measure(case: str, implementation: str, settings: dict[str, Any]) -> dict[s
     """Runs in a fresh child process: peak RSS growth and median time of one forward+backward."""
     import torch
 
-    from opsd_lightning.losses.chunked import chunked_divergence_sum, naive_divergence_sum
+    from opsd_lightning.objectives.chunked import chunked_divergence_sum, naive_divergence_sum
 
     torch.set_num_threads(settings["threads"])
     tokens, hidden, vocab = settings["tokens"], settings["hidden"], settings["vocab"]

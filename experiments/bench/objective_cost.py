@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from opsd_lightning.losses import ForwardKL, TopK
-from opsd_lightning.losses.chunked import chunked_objective_sum
-from opsd_lightning.losses.weighting import EntropyGate, PositionWeighting, TokenFeatures
+from opsd_lightning.objectives import ForwardKL, TopK
+from opsd_lightning.objectives.chunked import chunked_objective_sum
+from opsd_lightning.objectives.weighting import EntropyGate, PositionWeighting, TokenFeatures
 
 
 def step_seconds(inputs: dict, repeats: int, **objective) -> float:

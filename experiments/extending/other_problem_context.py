@@ -12,15 +12,14 @@ prompt budget still apply). From the repository root (see docs/extending.md):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
 
-from opsd_lightning.batches import left_pad
-from opsd_lightning.contexts import fill_template
-from opsd_lightning.training import ContextTools, Episodes, TeacherContext, TeacherPrompts
-from opsd_lightning.training.teacher_contexts import reference_solutions
+from opsd_lightning.contexts.batches import left_pad
+from opsd_lightning.contexts.renderer import fill_template
+from opsd_lightning.contexts.teacher import ContextTools, TeacherContext, TeacherPrompts, reference_solutions
+from opsd_lightning.rollout.episodes import Episodes
 
 TEMPLATE = (
     "{problem}\n\nHere is a worked solution of a different problem:\n{solution}\n\n"
@@ -49,8 +48,7 @@ class OtherProblemContext(TeacherContext):
     def build(self, batch: Mapping, episodes: Episodes, tools: ContextTools) -> TeacherPrompts:
         problems, size = episodes.problems, episodes.group_size
         solutions = reference_solutions(batch, range(len(problems)), "teacher_context=other_problem")
-        renderer = copy.copy(tools.contexts)  # the run's renderer with this context's wording
-        renderer.teacher_template = self.template
+        renderer = tools.contexts.with_teacher_template(self.template)
         prompts, has_other = [], []
         for i, problem in enumerate(problems):
             other = (i + self.shift) % len(problems)

@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor
 
-from opsd_lightning.batches import build_scoring_batch
-from opsd_lightning.losses import ObjectiveTerm, TermInputs, TermSum
-from opsd_lightning.scoring import completion_logits
+from opsd_lightning.contexts.batches import build_scoring_batch
+from opsd_lightning.models.scoring import completion_logits
+from opsd_lightning.objectives import ObjectiveTerm, TermInputs, TermSum
 
 
 def skew_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float) -> Tensor:

@@ -24,3 +24,9 @@ def build_settings(settings_cls: type[T], values: T | Mapping[str, Any] | None, 
     except ValueError as err:
         message = str(err)
         raise ValueError(message if message.startswith(option) else f"{option}.{message}") from err
+
+
+def at_least(name: str, value: object, minimum: int) -> None:
+    """An integer option `algorithm.<name>` that must be >= `minimum`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"algorithm.{name}={value!r} must be an integer >= {minimum}")

@@ -2,10 +2,10 @@
 
 For every combination the configs allow (algorithm x divergence x teacher x weighting x loss backend, the
 hybrid's modes, and a few extras: micro-batches, gradient accumulation, two steps, ...), this composes the
-real `conf/train.yaml` with Hydra, builds the training module as `opsd_lightning.train.train` does, on a tiny
-random Qwen3 in float64, and runs one optimizer step (two for `trainer.max_steps=2`) on one fixed batch of the
-built-in arithmetic task through a real `lightning.Trainer`. The optimizer is plain SGD with lr 1 and no
-clipping, so each parameter's update is minus its gradient; recorded per combination:
+real `conf/train.yaml` with Hydra, builds the training module as `opsd_lightning.cli.train.train` does, on a
+tiny random Qwen3 in float64, and runs one optimizer step (two for `trainer.max_steps=2`) on one fixed batch
+of the built-in arithmetic task through a real `lightning.Trainer`. The optimizer is plain SGD with lr 1 and
+no clipping, so each parameter's update is minus its gradient; recorded per combination:
 
     loss            `train/loss` of the (last) step, what the module logs
     grad_norm       the global L2 norm of (params before - params after) of that step = the gradient's norm
@@ -32,8 +32,8 @@ weights, and SFT's log-softmax), and generation, which samples from float32 prob
 
 A random model never answers an arithmetic problem correctly, so with the real grader every GRPO group has
 equal rewards and zero advantages: the policy term vanishes. Combinations marked `| rewards=parity` grade a
-completion by the parity of its characters' code points instead (as `tests/test_hybrid.py` does), so groups
-hold right and wrong rollouts; `| rewards=graded` keeps the real grader.
+completion by the parity of its characters' code points instead (as `tests/training/test_hybrid.py` does), so
+groups hold right and wrong rollouts; `| rewards=graded` keeps the real grader.
 
 A combination's key is its Hydra overrides (on top of `BASE_OVERRIDES`, which the JSON stores too),
 optionally followed by ` | ` and this harness's own options (`rewards=parity|graded`).
@@ -535,15 +535,15 @@ def run_combination(
     base: Sequence[str] = BASE_OVERRIDES,
     sampling: Sequence[str] = SAMPLING_OVERRIDES,
 ) -> dict[str, Any]:
-    """Build and train one combination as `opsd_lightning.train.train` does (minus evaluation and outputs);
-    its recorded values, or `{"rejected": message}`, or `{"error": "Type: message"}`."""
-    from opsd_lightning.app import build_benchmarks, build_model, build_teacher, instantiate_datamodule
-    from opsd_lightning.checks import check_config
-    from opsd_lightning.contexts import ContextRenderer
+    """Build and train one combination as `opsd_lightning.cli.train.train` does (minus evaluation and
+    outputs); its recorded values, or `{"rejected": message}`, or `{"error": "Type: message"}`."""
+    from opsd_lightning.cli.app import build_benchmarks, build_model, build_teacher, instantiate_datamodule
+    from opsd_lightning.cli.checks import check_config
+    from opsd_lightning.cli.train import connect_renderer
+    from opsd_lightning.contexts.renderer import ContextRenderer
     from opsd_lightning.evaluation.loaders import WithBenchmarks
     from opsd_lightning.evaluation.runner import EvalSettings
-    from opsd_lightning.peft_utils import apply_peft
-    from opsd_lightning.train import connect_renderer
+    from opsd_lightning.models.lora import apply_peft
 
     algorithm = next(o.split("=", 1)[1] for o in combination.overrides if o.startswith("algorithm="))
     samples = algorithm_shape(algorithm).samples

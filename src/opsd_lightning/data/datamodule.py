@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset, load_dataset
 from torch.utils.data import DataLoader
 
+from opsd_lightning.contexts.budget import fit_rows
 from opsd_lightning.data.file_errors import describe_error, find_bad_file
 from opsd_lightning.data.sampler import ResumableRandomSampler
 from opsd_lightning.data.sources import (
@@ -30,10 +31,9 @@ from opsd_lightning.data.sources import (
     resolve_columns,
     to_rows,
 )
-from opsd_lightning.prompt_budget import fit_rows
 
 if TYPE_CHECKING:
-    from opsd_lightning.contexts import ContextRenderer
+    from opsd_lightning.contexts.renderer import ContextRenderer
 
 logger = logging.getLogger(__name__)
 

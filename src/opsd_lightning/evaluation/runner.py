@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.contexts.renderer import ContextRenderer
 from opsd_lightning.evaluation.answers import extract_answer
 from opsd_lightning.evaluation.grading import grade
 from opsd_lightning.options import build_settings

@@ -1,1 +1,1 @@
-"""The parts of `opsd-report` (report.py): a multirun's jobs, their curves, the tables and the plots."""
+"""The parts of `opsd-report` (cli/report.py): a multirun's jobs, their curves, the tables and the plots."""

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from opsd_lightning.losses.diagnostics import QUARTER_DIAGNOSTIC_KEYS, SCALAR_DIAGNOSTIC_KEYS
+from opsd_lightning.objectives.diagnostics import QUARTER_DIAGNOSTIC_KEYS, SCALAR_DIAGNOSTIC_KEYS
 from opsd_lightning.reporting.runs import Group, mean_std
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from opsd_lightning.batches import TokenBatch
+from opsd_lightning.contexts.batches import TokenBatch
 from opsd_lightning.rollout.core import Rollout, SamplingConfig
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from opsd_lightning.batches import TokenBatch
+from opsd_lightning.contexts.batches import TokenBatch
 from opsd_lightning.rollout.core import Rollout, SamplingConfig, completion_mask_from_ids
 from opsd_lightning.rollout.engine import RolloutEngine
 

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from opsd_lightning.batches import TokenBatch
+from opsd_lightning.contexts.batches import TokenBatch
+from opsd_lightning.models.scoring import base_model
 from opsd_lightning.rollout.core import Rollout, SamplingConfig, rollout_from_token_lists
 from opsd_lightning.rollout.engine import RolloutEngine
 from opsd_lightning.rollout.weights import engine_weights
-from opsd_lightning.scoring import base_model
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opsd_lightning.contexts import ContextRenderer
+from opsd_lightning.contexts.renderer import ContextRenderer
 from opsd_lightning.evaluation.grading import answers_equivalent
 from opsd_lightning.evaluation.metrics import BenchmarkMetrics
 from opsd_lightning.evaluation.runner import EvalSettings, score_problems

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -25,27 +26,28 @@ from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from opsd_lightning.batches import TokenBatch
-from opsd_lightning.contexts import ContextRenderer
-from opsd_lightning.evaluation.runner import EvalSettings, as_settings
-from opsd_lightning.losses.diagnostics import TokenDiagnostics
-from opsd_lightning.losses.terms import ObjectiveTerm, TermInputs, TermSum
-from opsd_lightning.models import eos_token_ids
-from opsd_lightning.options import build_settings
-from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
-from opsd_lightning.teachers import DynamicTeacher, Teacher
-from opsd_lightning.training.episodes import Episodes
-from opsd_lightning.training.evaluation import BenchmarkEvaluation
-from opsd_lightning.training.samplers import RolloutSource, Sampler, SingleSampler
-from opsd_lightning.training.settings import StepSettings
-from opsd_lightning.training.stepper import MicroBatchLoss, OptimizerStepper
-from opsd_lightning.training.teacher_contexts import (
+from opsd_lightning.contexts.batches import TokenBatch
+from opsd_lightning.contexts.renderer import ContextRenderer
+from opsd_lightning.contexts.teacher import (
     ContextTools,
     ReferenceContext,
     StudentContext,
     TeacherContext,
     TeacherPrompts,
 )
+from opsd_lightning.evaluation.runner import EvalSettings, as_settings
+from opsd_lightning.models import eos_token_ids
+from opsd_lightning.objectives.diagnostics import TokenDiagnostics
+from opsd_lightning.objectives.terms import ObjectiveTerm, TermInputs, TermSum
+from opsd_lightning.options import build_settings
+from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
+from opsd_lightning.rollout.episodes import Episodes
+from opsd_lightning.rollout.lifecycle import EngineLifecycle
+from opsd_lightning.rollout.samplers import RolloutSource, Sampler, SingleSampler
+from opsd_lightning.teachers.modes import DynamicTeacher, Teacher
+from opsd_lightning.training.evaluation import BenchmarkEvaluation
+from opsd_lightning.training.settings import StepSettings
+from opsd_lightning.training.stepper import MicroBatchLoss, OptimizerStepper
 
 STEP_OPTIONS = tuple(f.name for f in dataclasses.fields(StepSettings))
 
@@ -239,6 +241,9 @@ class OnPolicyModule(OptimizerStepper):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_metrics("test")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [EngineLifecycle(self.engine)]
 
 
 def active_terms(terms: Sequence[ObjectiveTerm], sampler: Sampler) -> list[ObjectiveTerm]:

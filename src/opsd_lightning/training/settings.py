@@ -1,18 +1,14 @@
 """The training module's scalar options (`conf/algorithm/shared/policy.yaml`), each range checked here.
 
-The module builds these in `__init__`; the pre-flight check (`opsd_lightning.checks`) builds the same objects
-from the resolved config before any model loads, through `OnPolicyModule.check_options`.
+The module builds these in `__init__`; the pre-flight check (`opsd_lightning.cli.checks`) builds the same
+objects from the resolved config before any model loads, through `OnPolicyModule.check_options`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def at_least(name: str, value: object, minimum: int) -> None:
-    """An integer option `algorithm.<name>` that must be >= `minimum`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"algorithm.{name}={value!r} must be an integer >= {minimum}")
+from opsd_lightning.options import at_least
 
 
 @dataclass(frozen=True)

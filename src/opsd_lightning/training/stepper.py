@@ -55,7 +55,7 @@ def check_raw_batch(batch: Mapping) -> None:
 class OptimizerStepper(L.LightningModule):
     """Manual optimization with one token-mean step per `accumulate_grad_batches` micro-batches.
 
-    Subclasses set `self.model` and `self.engine` (told after each step that the weights changed), and
+    Subclasses set `self.model` and `self.engine` (whose lifecycle `rollout/lifecycle.py` keeps), and
     implement `micro_batch_loss` and, optionally, `after_optimizer_step` (e.g. the EMA teacher update).
     """
 
@@ -168,7 +168,6 @@ class OptimizerStepper(L.LightningModule):
             # no gradients, so that the step counter, the schedule and max_steps move on.
             optimizer.zero_grad(set_to_none=True)
         optimizer.step()
-        self.engine.weights_changed()  # on-policy: the next rollout must come from these weights
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -239,7 +238,6 @@ class OptimizerStepper(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.engine.weights_changed()  # the checkpoint's weights replace the ones the engine may hold
         self.generated_tokens = checkpoint.get("opsd_generated_tokens", 0)
         self.nonfinite_steps = checkpoint.get("opsd_nonfinite_steps", 0)
         rng = checkpoint.get("opsd_rng")
