@@ -76,3 +76,25 @@ def test_cpu_bench_rollout_section_with_vllm(monkeypatch):
         assert result["engines"][engine]["greedy"]["tokens_per_s"] > 0
         assert result["engines"][engine]["sampled"]["tokens_per_s"] > 0
     assert "vllm / hf" in cpu_bench.rollout_table(result)
+
+
+@pytest.mark.slow  # ~50 s on 2 cores (vLLM's start-up): make test-all
+@needs_vllm
+def test_vllm_sampling_smoke_times_every_setting(tmp_path):
+    out = tmp_path / "vllm_sampling.json"
+    script = BENCH / "vllm_sampling.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    settings = json.loads(out.read_text())["settings"]
+    assert {
+        "greedy",
+        "recipe_vllm_native",
+        "recipe_project",
+        "recipe_project_no_row_seeds",
+    } <= settings.keys()
+    assert all(row["tokens_per_s"] > 0 for row in settings.values())

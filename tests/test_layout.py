@@ -227,6 +227,7 @@ ROLES = {
     "models",
     "contexts",
     "rollout",
+    "environments",
     "teachers",
     "objectives",
     "training",

@@ -94,3 +94,27 @@ def test_rollout_options_fail_before_anything_is_loaded(tmp_path, monkeypatch):
     # With vLLM installed the range error; without it, the error naming the extra: both before any loading.
     message = fails_before_loading(["rollout=vllm", "rollout.max_num_seqs=0"], tmp_path, monkeypatch)
     assert "rollout.max_num_seqs=0 must be >= 1" in message or "rollout=vllm needs vLLM" in message
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["+trainer.strategy=deepspeed_stage_3"],
+        [
+            "+trainer.strategy._target_=lightning.pytorch.strategies.DeepSpeedStrategy",
+            "+trainer.strategy.stage=3",
+        ],
+    ],
+)
+def test_zero3_with_vllm_is_refused_before_anything_is_loaded(strategy, tmp_path, monkeypatch):
+    message = fails_before_loading(["rollout=vllm", "trainer=gpu", *strategy], tmp_path, monkeypatch)
+    if "rollout=vllm needs vLLM" in message:  # without vLLM the engine's own refusal comes first
+        return
+    assert "(DeepSpeed ZeRO-3) with rollout=vllm" in message and "trainer=fsdp" in message
+
+
+def test_zero2_with_vllm_gets_the_training_modules_refusal(tmp_path, monkeypatch):
+    message = fails_before_loading(
+        ["rollout=vllm", "trainer=gpu", "+trainer.strategy=deepspeed_stage_2"], tmp_path, monkeypatch
+    )
+    assert "DeepSpeed keeps gradients" in message or "rollout=vllm needs vLLM" in message

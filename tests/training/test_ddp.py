@@ -233,3 +233,25 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
         trainer.fit(module, datamodule=ArithDataModule(train_size=16, val_size=4, batch_size=2, seed=0))
     saved = torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)
     assert saved["global_step"] == 2
+
+
+class OneRankWithoutReferences(ShardedRows):
+    """Rank 1's problems have no reference solution, which the reference teacher context refuses."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank
+        rows = [{**row, "solution": None if rank == 1 else row["solution"]} for row in ROWS[:2]]
+        return DataLoader(rows, batch_size=len(rows), collate_fn=collate_raw_text)
+
+
+def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    """Without the collective decision rank 0 would wait for rank 1 in the next all-reduce until the
+    process-group timeout (set short here, so a regression fails instead of hanging)."""
+    import datetime
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
+    trainer = quiet_trainer(tmp_path, devices=2, strategy=strategy, max_steps=1, use_distributed_sampler=False)
+    with pytest.raises(Exception, match=r"rank 1 \(of 1 refusing\): a training problem has no reference"):
+        trainer.fit(opsd_module(build_small_tiny()), datamodule=OneRankWithoutReferences())

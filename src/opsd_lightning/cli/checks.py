@@ -62,6 +62,7 @@ def check_config(cfg: DictConfig) -> None:
     build_settings(EvalSettings, _resolved(cfg.evaluation), "evaluation")
     check_recipe_options(cfg.algorithm)
     strategy = (cfg.get("trainer") or {}).get("strategy")
+    check_rollout_strategy(cfg.get("rollout"), strategy)
     check_strategy(str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy or ""))
     algorithm = get_class(cfg.algorithm._target_)
     if hasattr(algorithm, "check_options"):  # a user's own LightningModule may have none
@@ -76,6 +77,25 @@ def check_config(cfg: DictConfig) -> None:
     vocabulary = vocabulary_size(cfg.model)
     if divergence is not None and vocabulary is not None:
         divergence.check_vocabulary(vocabulary)
+
+
+def check_rollout_strategy(rollout: DictConfig | None, strategy: Any) -> None:
+    """rollout=vllm copies the full weights into its engine at every sync: refuse a sharding it cannot gather.
+    FSDP and FSDP2 are gathered a module at a time (`rollout/gather.py`); DeepSpeed ZeRO-3 is not (and the
+    training module refuses DeepSpeed anyway: `training/stepper.py: check_strategy`)."""
+    if rollout is None or not str(rollout.get("_target_", "")).endswith("VLLMEngine"):
+        return
+    if isinstance(strategy, DictConfig):
+        name, stage = str(strategy.get("_target_", "")), strategy.get("stage")
+    else:
+        name, stage = str(strategy or ""), None
+    if "deepspeed" in name.lower() and (stage == 3 or "stage_3" in name.lower()):
+        raise ValueError(
+            f"trainer.strategy={name} (DeepSpeed ZeRO-3) with rollout=vllm: ZeRO-3 partitions the "
+            "parameters, and the engine's weight sync does not gather them (nor does the training module "
+            "accept DeepSpeed: its partitioned gradients escape the token-mean rescale). Use trainer=fsdp, "
+            "whose shards the sync gathers one module at a time, or trainer=ddp; or rollout=hf"
+        )
 
 
 def _resolved(node: DictConfig) -> dict[str, Any]:

@@ -32,9 +32,18 @@ from opsd_lightning.data import RawTextDataModule
 from opsd_lightning.evaluation.loaders import WithBenchmarks
 from opsd_lightning.evaluation.runner import EvalSettings
 from opsd_lightning.models.lora import apply_peft
+from opsd_lightning.rollout.multi_turn import environment_sampler
 from opsd_lightning.training.callbacks import TrainingInterrupted
 
 log = logging.getLogger(__name__)
+
+
+def environment_sampler_option(cfg: DictConfig) -> dict[str, Any]:
+    """With an `environment` (e.g. data=arith_tools), the recipe's sampler runs multi-turn episodes in it."""
+    if not cfg.get("environment"):
+        return {}
+    recipe_sampler = instantiate(cfg.algorithm.sampler) if cfg.algorithm.get("sampler") else None
+    return {"sampler": environment_sampler(instantiate(cfg.environment), recipe_sampler)}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -68,6 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         benchmarks=data.names,
         _convert_="all",
         **({"teacher": teacher} if teacher is not None else {}),
+        **environment_sampler_option(cfg),
     )
     module.engine.check_model(module.model)  # e.g. rollout=vllm with a head size its CPU build rejects
 

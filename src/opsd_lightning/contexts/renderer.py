@@ -83,6 +83,18 @@ class ContextRenderer:
         self.system_prompt = system_prompt
         self.student_enable_thinking = student_enable_thinking
         self.teacher_enable_thinking = teacher_enable_thinking
+        # Tool schemas every prompt renders with (`apply_chat_template(tools=...)`); None: no tools.
+        self.tools: list[dict[str, Any]] | None = None
+
+    def with_tools(self, tools: Sequence[dict[str, Any]]) -> ContextRenderer:
+        """This renderer with `tools` rendered into every student and teacher prompt (an environment's)."""
+        renderer = copy.copy(self)
+        renderer.tools = list(tools) or None
+        return renderer
+
+    def template_options(self) -> dict[str, Any]:
+        """What the chat template takes besides the messages: the tools, when there are any."""
+        return {"tools": self.tools} if self.tools else {}
 
     def with_teacher_template(self, template: str) -> ContextRenderer:
         """This renderer with another teacher user message (a new teacher context's own wording); the system
@@ -148,6 +160,7 @@ class ContextRenderer:
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=self.teacher_enable_thinking,
+            **self.template_options(),
         )
         sides = text.split(SOLUTION_SENTINEL)
         if len(sides) != 2:
@@ -189,6 +202,7 @@ class ContextRenderer:
             add_generation_prompt=True,
             enable_thinking=enable_thinking,
             return_dict=False,
+            **self.template_options(),
         )
         self.budget.check_rendered(len(ids))
         return list(ids)

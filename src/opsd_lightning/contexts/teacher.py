@@ -89,7 +89,9 @@ class ReferenceContext(TeacherContext):
     """The teacher reads the problem and its reference solution (`context.teacher_template`)."""
 
     def build(self, batch: Mapping, episodes: Episodes, tools: ContextTools) -> TeacherPrompts:
-        solutions = reference_solutions(batch, range(len(episodes.problems)), "teacher_context=reference")
+        # The episodes' solutions: the batch's, or what an environment gives the teacher (privileged_context).
+        solutions = {"solution": episodes.solutions}
+        solutions = reference_solutions(solutions, range(len(episodes.problems)), "teacher_context=reference")
         prompt = tools.contexts.teacher_batch(
             repeat_rows(episodes.problems, episodes.group_size), repeat_rows(solutions, episodes.group_size)
         )

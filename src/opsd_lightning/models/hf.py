@@ -10,6 +10,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -87,8 +88,10 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def set_generation_defaults(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-    # Sampling settings always come from our config; clear the checkpoint's so nothing leaks in silently.
-    generation_config = model.generation_config
-    generation_config.pad_token_id = tokenizer.pad_token_id
-    generation_config.eos_token_id = eos_token_ids(model, tokenizer)
-    generation_config.bos_token_id = None
+    """A fresh generation config holding only the special ids: every other setting comes from our sampling
+    config. A checkpoint's own (`generation_config.json`: repetition_penalty, temperature, top_p, ...) would
+    reach HF `generate` but not vLLM, and the two engines would sample differently."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids, bos_token_id=None
+    )

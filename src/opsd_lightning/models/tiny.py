@@ -25,6 +25,7 @@ from opsd_lightning.models.hf import (
     set_generation_defaults,
     torch_dtype_of,
 )
+from opsd_lightning.models.tool_template import QWEN3_TOOL_CHAT_TEMPLATE, TOOL_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,14 @@ _DEFAULT_CORPUS = [
 
 
 def build_tiny_tokenizer(
-    corpus: Iterable[str] | None = None, vocab_size: int = 512
+    corpus: Iterable[str] | None = None, vocab_size: int = 512, tools: bool = False
 ) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE with Qwen's pre-tokenizer, special tokens and chat template.
 
     Byte-level means any text encodes (unseen words fall back to bytes); training is deterministic
-    for a given corpus, so the same corpus always gives the same ids.
+    for a given corpus, so the same corpus always gives the same ids. With `tools`, the tool-call tokens are
+    added after the trained vocabulary (every other id unchanged) and the chat template is Qwen3's own, tools
+    included (`models/tool_template.py`).
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -96,8 +99,8 @@ def build_tiny_tokenizer(
         tokenizer_object=tokenizer,
         eos_token=IM_END,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START, THINK_OPEN, THINK_CLOSE],
-        chat_template=QWEN3_STYLE_CHAT_TEMPLATE,
+        additional_special_tokens=[IM_START, THINK_OPEN, THINK_CLOSE, *(TOOL_TOKENS if tools else [])],
+        chat_template=QWEN3_TOOL_CHAT_TEMPLATE if tools else QWEN3_STYLE_CHAT_TEMPLATE,
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
@@ -118,12 +121,15 @@ def build_tiny(
     gradient_checkpointing: bool = False,
     dtype: str = "float32",
     attn_implementation: str | None = None,
+    tools: bool = False,
 ) -> LoadedModel:
     """A tiny Qwen3: from a saved folder (`checkpoint`, e.g. the warm-up's base) or randomly initialised.
 
     `tokenizer_path`: use a real tokenizer folder (e.g. Qwen3's, for a stand-in of a real recipe)
     instead of the locally trained one; the embedding then has that tokenizer's vocabulary.
     `dtype` / `attn_implementation` as for `load_pretrained`, so a recipe's model settings apply to it.
+    `tools`: the local tokenizer gets the tool-call tokens and a tool-capable template (see
+    `build_tiny_tokenizer`); off by default, so the default model is unchanged.
     """
     if checkpoint is not None:
         return load_pretrained(
@@ -138,7 +144,7 @@ def build_tiny(
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
-        tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size)
+        tokenizer = build_tiny_tokenizer(corpus, tokenizer_vocab_size, tools)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -39,7 +39,10 @@ from opsd_lightning.data.arith import (
     generate_problems,
     slipped_solution,
 )
+from opsd_lightning.environments.format import ToolFormat
 from opsd_lightning.models import LoadedModel, build_tiny, save_pretrained
+from opsd_lightning.models.tiny import build_tiny_tokenizer
+from opsd_lightning.models.tool_warmup import tool_corpus, tool_schemas, tool_warmup_pair, tools_prompt
 
 log = logging.getLogger(__name__)
 WARMUP_VERSION = 3  # bump when the warm-up recipe changes, so stale caches are not reused
@@ -136,6 +139,8 @@ def prepare_tiny_base(
     model_kwargs = {k: v for k, v in model_kwargs.items() if k not in ignored}
     if model_kwargs.get("tokenizer_path") is None:
         model_kwargs.pop("tokenizer_path", None)
+    if not model_kwargs.get("tools"):
+        model_kwargs.pop("tools", None)  # the default base keeps its cache key
     folder = (
         Path(warmup.cache_dir)
         / f"tiny-base-{warmup_fingerprint(model_kwargs, warmup, context_kwargs, held_out_problems)}"
@@ -155,10 +160,15 @@ def prepare_tiny_base(
         exclude=set(held_out_problems),
     )
     templates = [context_kwargs.get("student_template", ""), context_kwargs.get("teacher_template", "")]
-    loaded = build_tiny(**model_kwargs, corpus=tokenizer_corpus(problems, templates, warmup.reference_style))
+    corpus = tokenizer_corpus(problems, templates, warmup.reference_style)
+    if model_kwargs.get("tools"):
+        corpus += tool_corpus(problems, tools_prompt(build_tiny_tokenizer(tools=True)))
+    loaded = build_tiny(**model_kwargs, corpus=corpus)
     if check_tokenizer is not None:
         check_tokenizer(loaded.tokenizer)
     renderer = ContextRenderer(loaded.tokenizer, **context_kwargs)
+    if model_kwargs.get("tools"):  # the base learns to call the calculator (models/tool_warmup.py)
+        renderer = renderer.with_tools(tool_schemas())
     final_loss = train_supervised(loaded, renderer, problems, warmup)
 
     tmp = folder.with_name(folder.name + ".tmp")
@@ -214,14 +224,19 @@ def train_supervised(
         return warmup.min_lr_ratio + (1 - warmup.min_lr_ratio) * cosine
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    fmt = ToolFormat(tokenizer, renderer.tools, renderer.student_enable_thinking) if renderer.tools else None
+
+    def pair(problem: ArithProblem) -> tuple[list[int], list[int], list[bool]]:
+        if fmt is None:
+            return warmup_pair(problem, renderer, tokenizer, rng, warmup)
+        options = (warmup.teacher_fraction, warmup.slip_rate, warmup.reference_style)
+        return tool_warmup_pair(problem, renderer, tokenizer, fmt, rng, *options)
+
     model.train()
     smoothed = float("nan")
     progress = tqdm(range(warmup.steps), desc="warm-up (tiny base)", dynamic_ncols=True)
     for _ in progress:
-        examples = [
-            warmup_pair(problem, renderer, tokenizer, rng, warmup)
-            for problem in rng.sample(problems, warmup.batch_size)
-        ]
+        examples = [pair(problem) for problem in rng.sample(problems, warmup.batch_size)]
         prompts, completions, loss_masks = (list(column) for column in zip(*examples, strict=True))
         loss = model(**sft_tensors(prompts, completions, tokenizer.pad_token_id, loss_masks)).loss
         loss.backward()

@@ -31,6 +31,7 @@ from opsd_lightning.objectives.policy_gradient import clipped_policy_loss, k3_kl
 from opsd_lightning.objectives.settings import LossSettings
 from opsd_lightning.objectives.weighting import TokenFeatures, TokenWeighting
 from opsd_lightning.options import build_settings
+from opsd_lightning.rollout.core import SamplingConfig
 from opsd_lightning.teachers.modes import FixedTeacher, Teacher
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class TermInputs:
     teacher_prompt: TokenBatch | None = None
     teacher_rows: Tensor | None = None
     _student_logp: Tensor | None = field(default=None, repr=False)
+    _student_logits: Tensor | None = field(default=None, repr=False)
 
     def student_token_logp(self) -> Tensor:
         """log π(token) of every completion position from the student's full logits `[rows, Lc]` (fp32, with
@@ -55,10 +57,17 @@ class TermInputs:
         if self._student_logp is None:
             episodes = self.episodes
             batch = build_scoring_batch(episodes.prompt, episodes.completion_ids, episodes.completion_mask)
-            self._student_logp = token_log_probs(
-                completion_logits(self.model, batch), episodes.completion_ids
-            )
+            logits = completion_logits(self.model, batch)
+            if episodes.sampler_logprobs is not None:  # kept for `sampling_token_logp`, without grad
+                self._student_logits = logits.detach()
+            self._student_logp = token_log_probs(logits, episodes.completion_ids)
         return self._student_logp
+
+    def sampling_token_logp(self, sampling: SamplingConfig) -> Tensor:
+        """The trainer's log q(token) `[rows, Lc]` under `sampling`'s distribution (temperature, top-k,
+        top-p), no grad: the engine's `sampler_logprobs` as the trainer's weights and numerics give them."""
+        self.student_token_logp()
+        return sampling.sampling_log_probs(self._student_logits, self.episodes.completion_ids)
 
     def teacher_mask(self) -> Tensor:
         """The supervised tokens of the rows that have a teacher context."""
@@ -214,15 +223,40 @@ class ClippedPolicy(ObjectiveTerm):
             context (raw logits, no temperature).
         log_ratio_clip: RLSD's clamp c > 0, so a token's weight lies in [e^-c, e^c].
         weight: the term's weight in the recipe's sum (`algorithm.reward_weight` in the hybrid).
+        importance_correction: multiply each token's loss by the truncated importance ratio
+            min(exp(log π(y) − log q(y)), importance_cap), both without grad: π the trainer's sampling
+            distribution, q the engine's (`Episodes.sampler_logprobs`). A no-op for episodes without sampler
+            log-probs (`rollout=hf` samples with the trainer's own weights).
+        importance_cap: the ratio's upper bound (> 0).
+        sampling: the rollouts' sampling settings (`algorithm.sampling`), so π is scored under the same
+            temperature / top-k / top-p as q; needed with sampler log-probs.
+
+    With sampler log-probs it also returns, per token, `sampler_logprob_gap` Σ|log q − log π|,
+    `sampler_kl` Σ(log q − log π) (k1 estimate of KL(q‖π): the tokens are drawn from q), both over the tokens
+    inside the trainer's top-k/top-p set, `sampler_tokens_outside_trainer_set` (π = 0 there: ratio 0) and
+    `importance_ratio` (the truncated ratio, whether applied or not).
     """
 
     name = "policy_loss"
     needs_advantages = True
 
     def __init__(
-        self, clip: float = 0.2, mode: str = "sum", log_ratio_clip: float = 1.0, weight: float = 1.0
+        self,
+        clip: float = 0.2,
+        mode: str = "sum",
+        log_ratio_clip: float = 1.0,
+        weight: float = 1.0,
+        importance_correction: bool = True,
+        importance_cap: float = 2.0,
+        sampling: SamplingConfig | Mapping | None = None,
     ) -> None:
         super().__init__(weight)
+        if not importance_cap > 0:
+            raise ValueError(f"algorithm.importance_cap={importance_cap} must be > 0")
+        self.importance_correction, self.importance_cap = importance_correction, importance_cap
+        self._sampling = (  # the rollouts' settings (the module's), not an option of this term
+            None if sampling is None else build_settings(SamplingConfig, sampling, "algorithm.sampling")
+        )
         if not 0 < clip < 1:
             raise ValueError(f"algorithm.clip={clip} must be in (0, 1)")
         if mode not in POLICY_MODES:
@@ -247,7 +281,30 @@ class ClippedPolicy(ObjectiveTerm):
             advantages = advantages * weights
             sums["rlsd_weight"] = float(weights.sum())
         per_token = clipped_policy_loss(logp, logp.detach(), advantages, self.clip)
+        if inputs.episodes.sampler_logprobs is not None:
+            ratio = self.importance_ratio(inputs, mask, sums)
+            if self.importance_correction:
+                per_token = per_token * ratio
         return TermSum(per_token.sum(), mask, sums)
+
+    def importance_ratio(self, inputs: TermInputs, mask: Tensor, sums: dict[str, float]) -> Tensor:
+        """min(exp(log π − log q), cap) of each supervised token, and the mismatch statistics into `sums`."""
+        if self._sampling is None:
+            raise ValueError(
+                "ClippedPolicy: the episodes carry the engine's sampler log-probs but the term has no "
+                "sampling settings to score them with (sampling=${algorithm.sampling}, as in conf/algorithm/)"
+            )
+        trainer_logp = inputs.sampling_token_logp(self._sampling)[mask]
+        sampler_logp = inputs.episodes.sampler_logprobs[mask]
+        ratio = truncated_importance_ratio(trainer_logp, sampler_logp, self.importance_cap)
+        # A token the engine sampled outside the trainer's top-k/top-p set has π = 0: ratio 0, counted apart.
+        inside = torch.isfinite(trainer_logp)
+        difference = torch.where(inside, sampler_logp - trainer_logp, 0.0)
+        sums["sampler_logprob_gap"] = float(difference.abs().sum())
+        sums["sampler_kl"] = float(difference.sum())
+        sums["sampler_tokens_outside_trainer_set"] = float((~inside).sum())
+        sums["importance_ratio"] = float(ratio.sum())
+        return ratio
 
     def token_weights(self, inputs: TermInputs, mask: Tensor, logp: Tensor, advantages: Tensor) -> Tensor:
         """RLSD's weight of each supervised token; a row without a teacher context keeps its advantage."""
@@ -258,6 +315,11 @@ class ClippedPolicy(ObjectiveTerm):
         has_context = inputs.teacher_rows[:, None].expand_as(mask)[mask]
         log_ratio = torch.where(has_context, teacher_logp[mask] - logp.detach(), 0.0)
         return rlsd_weights(advantages, log_ratio, self.log_ratio_clip)
+
+
+def truncated_importance_ratio(trainer_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling: min(exp(log π − log q), cap), no gradient (1 where they agree)."""
+    return torch.exp(trainer_logp.detach() - sampler_logp).clamp(max=cap)
 
 
 class KLToReference(ObjectiveTerm):
@@ -275,7 +337,8 @@ class KLToReference(ObjectiveTerm):
 
     def forward(self, inputs: TermInputs) -> TermSum:
         episodes, mask = inputs.episodes, inputs.episodes.loss_mask
-        batch = build_scoring_batch(episodes.prompt, episodes.completion_ids, mask)
+        # Attend to every completion token (a multi-turn episode's tool responses too); score the supervised.
+        batch = build_scoring_batch(episodes.prompt, episodes.completion_ids, episodes.completion_mask)
         with self.reference.scoring(inputs.model) as reference:
             reference_logp = token_log_probs(
                 completion_logits(reference.model, batch), episodes.completion_ids
@@ -284,10 +347,11 @@ class KLToReference(ObjectiveTerm):
 
 
 class NLL(ObjectiveTerm):
-    """−log π(token) of every completion token (SFT, with the reference sampler's episodes)."""
+    """−log π(token) of every supervised completion token (SFT, with the reference sampler's episodes; in a
+    multi-turn episode, the model's tokens and not the environment's)."""
 
     name = "nll"
 
     def forward(self, inputs: TermInputs) -> TermSum:
-        mask = inputs.episodes.completion_mask
+        mask = inputs.episodes.loss_mask
         return TermSum(-inputs.student_token_logp()[mask].sum(), mask)

@@ -28,6 +28,8 @@ class Episodes:
     `truncated`: rows that hit the token budget without EOS `[R]`.
     `problems` / `solutions` / `answers`: the batch's rows (one per group); the last two may hold None.
     `rewards` / `advantages`: `[R]` float32 when graded (group samplers), else None.
+    `sampler_logprobs`: log q of each completion token under the engine that sampled it `[R, Lc]` (the
+        rollout's, see `Rollout`), else None.
     `generated`: tokens generated for these episodes over all ranks; `seconds`: this rank's generation time;
     `sampled`: False for episodes that were not generated (SFT's references).
     `stats`: what the sampler adds to the step's logs.
@@ -44,6 +46,7 @@ class Episodes:
     group_size: int = 1
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None
     generated: int = 0
     seconds: float = 0.0
     sampled: bool = True
@@ -70,6 +73,7 @@ class Episodes:
             truncated=self.truncated[rows],
             rewards=None if self.rewards is None else self.rewards[rows],
             advantages=None if self.advantages is None else self.advantages[rows],
+            sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs[rows],
         )
 
     def rollout_stats(self) -> dict[str, float]:

@@ -19,7 +19,7 @@ from opsd_lightning.contexts.renderer import ContextRenderer
 from opsd_lightning.evaluation.grading import extract_answer, grade
 from opsd_lightning.objectives.policy_gradient import group_advantages
 from opsd_lightning.options import at_least
-from opsd_lightning.rollout import Rollout, completion_mask_from_ids
+from opsd_lightning.rollout import Rollout, SamplingConfig, completion_mask_from_ids
 from opsd_lightning.rollout.episodes import Episodes, repeat_rows
 
 
@@ -27,7 +27,8 @@ from opsd_lightning.rollout.episodes import Episodes, repeat_rows
 class RolloutSource:
     """What a sampler may use: the renderer, the tokenizer, and `generate(prompt, seed)`, which samples from
     the policy through the run's engine with the training `sampling` and counts the tokens over all ranks
-    (`count(rollout)` returns that global count)."""
+    (`count(rollout)` returns that global count). `sampling` and `generate_with(prompt, sampling, stop_ids,
+    seed)` let a multi-turn sampler change the token budget and the stop ids of a turn."""
 
     contexts: ContextRenderer
     tokenizer: PreTrainedTokenizerBase
@@ -35,6 +36,8 @@ class RolloutSource:
     device: torch.device
     generate: Callable[[TokenBatch, int | None], Rollout]
     count: Callable[[Rollout], int]
+    sampling: SamplingConfig | None = None
+    generate_with: Callable[[TokenBatch, SamplingConfig, Sequence[int], int | None], Rollout] | None = None
 
 
 class Sampler:
@@ -47,6 +50,10 @@ class Sampler:
 
     def sample(self, batch: Mapping, source: RolloutSource, seed: int) -> Episodes:
         raise NotImplementedError
+
+    def contexts_for(self, contexts: ContextRenderer) -> ContextRenderer:
+        """The renderer of the run's student and teacher prompts (a multi-turn sampler adds its tools)."""
+        return contexts
 
 
 def _episodes(
@@ -71,6 +78,7 @@ def _episodes(
         solutions=list(batch.get("solution") or [None] * len(problems)),
         answers=list(batch.get("answer") or [None] * len(problems)),
         group_size=group_size,
+        sampler_logprobs=rollout.sampler_logprobs,
         generated=generated,
         seconds=rollout.seconds,
     )

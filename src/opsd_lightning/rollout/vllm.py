@@ -32,7 +32,10 @@ from opsd_lightning.contexts.batches import TokenBatch
 from opsd_lightning.models.scoring import base_model
 from opsd_lightning.rollout.core import Rollout, SamplingConfig, rollout_from_token_lists
 from opsd_lightning.rollout.engine import RolloutEngine
-from opsd_lightning.rollout.weights import engine_weights
+from opsd_lightning.rollout.ranks import raise_on_any_rank
+from opsd_lightning.rollout.sync import check_sync, recorded, reload_and_report
+from opsd_lightning.rollout.vllm_sampling import processor_class, sampled_logprobs, sampling_params
+from opsd_lightning.rollout.weights import checkpoint_shapes, engine_weights
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,12 @@ class VLLMEngine(RolloutEngine):
         max_num_seqs: the most sequences vLLM decodes at once.
         max_model_len: the longest prompt + completion; None: the model's `max_position_embeddings`.
         enforce_eager: no CUDA graphs (slower decoding, faster start, less memory).
-        sleep_mode: on a GPU, release the engine's memory while training (weights to CPU, KV cache freed)
-            and take it back to generate. vLLM's CPU backend has none.
-        dtype: the engine's dtype; None: the training model's.
+        sleep_mode: on a GPU, release the engine's memory while training and take it back to generate.
+            vLLM's CPU backend has none.
+        sleep_level: 2 discards the weights while asleep (every wake re-syncs them, which an on-policy step
+            does anyway); 1 keeps a copy in CPU memory and copies it back on every wake.
+        dtype: the engine's dtype; None: the one training computes in (`engine_dtype`).
+        precision: the trainer's precision (`trainer.precision`), which `dtype=None` follows.
     """
 
     def __init__(
@@ -63,7 +69,9 @@ class VLLMEngine(RolloutEngine):
         max_model_len: int | None = None,
         enforce_eager: bool = False,
         sleep_mode: bool = False,
+        sleep_level: int = 2,
         dtype: str | None = None,
+        precision: str | int | None = None,
     ) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ImportError(f"rollout=vllm needs vLLM: {INSTALL_HINT}; or use rollout=hf")
@@ -75,6 +83,9 @@ class VLLMEngine(RolloutEngine):
                 raise ValueError(f"rollout.{option}={value} must be >= 1 (or null)")
         if max_num_seqs < 1:
             raise ValueError(f"rollout.max_num_seqs={max_num_seqs} must be >= 1")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"rollout.sleep_level={sleep_level!r} must be 1 or 2")
+        self.sleep_level = sleep_level
         if sleep_mode and not torch.cuda.is_available():
             raise ValueError(
                 "rollout.sleep_mode=true needs a GPU: vLLM's CPU backend has no sleep mode; "
@@ -89,6 +100,7 @@ class VLLMEngine(RolloutEngine):
             "enable_sleep_mode": sleep_mode,
             "dtype": dtype,
         }
+        self.precision = precision
         self.llm: Any = None  # vllm.LLM once started
         self.last_sync_seconds: float | None = None  # how long the latest weight sync took
         self._source: torch.nn.Module | None = None  # the model whose weights the engine holds
@@ -96,6 +108,26 @@ class VLLMEngine(RolloutEngine):
 
     def weights_changed(self) -> None:
         self._stale = True
+
+    @contextlib.contextmanager
+    def _awake(self, model: torch.nn.Module) -> Iterator[None]:
+        """Bring the weights up to date for one generation. With sleep mode: wake the weights, sync into
+        them, and only then wake the KV cache (weights, cache and the sync's gathered copies are never all
+        allocated at once); sleep again however generation ends. Level 2 discards the weights while asleep,
+        so the next wake must sync."""
+        sleeping = self.options["enable_sleep_mode"]
+        if sleeping:
+            self.llm.wake_up(tags=["weights"])
+        try:
+            if self._stale or model is not self._source:
+                self.sync(model)
+            if sleeping:
+                self.llm.wake_up(tags=["kv_cache"])
+            yield
+        finally:
+            if sleeping:
+                self.llm.sleep(level=self.sleep_level)
+                self._stale = self._stale or self.sleep_level == 2
 
     def generate(
         self,
@@ -110,34 +142,40 @@ class VLLMEngine(RolloutEngine):
         prompts = prompt_token_lists(prompt)
         if self.llm is None:
             self._start(model)
-        self._check_prompts(prompts, sampling.max_new_tokens)
-        if self.options["enable_sleep_mode"]:
-            self.llm.wake_up()
-        if self._stale or model is not self._source:
-            self.sync(model)
-        start = time.perf_counter()
-        outputs = self.llm.generate(
-            [vllm.TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-            sampling_params(sampling, eos_ids, seed, len(prompts)),
-            use_tqdm=False,
-        )
-        seconds = time.perf_counter() - start
-        if self.options["enable_sleep_mode"]:
-            self.llm.sleep(level=1)
+        # Every rank checks its prompts and every rank raises when any rank refuses: a refusal on one rank
+        # alone would leave the others waiting in the next collective.
+        raise_on_any_rank(self._prompt_refusal(prompts, sampling.max_new_tokens))
+        with self._awake(model):
+            start = time.perf_counter()
+            outputs = self.llm.generate(
+                [vllm.TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+                sampling_params(sampling, eos_ids, seed, len(prompts)),
+                use_tqdm=False,
+            )
+            seconds = time.perf_counter() - start
+        check_one_output_per_prompt(outputs, len(prompts))
         completions = [output.outputs[0].token_ids for output in outputs]
-        rollout = rollout_from_token_lists(completions, eos_ids, pad_id, seconds)
+        logprobs = [sampled_logprobs(output.outputs[0]) for output in outputs]
+        logprobs = None if any(row is None for row in logprobs) else logprobs
+        rollout = rollout_from_token_lists(completions, eos_ids, pad_id, seconds, logprobs)
         device = prompt.input_ids.device
         return dataclasses.replace(
             rollout,
             completion_ids=rollout.completion_ids.to(device),
             completion_mask=rollout.completion_mask.to(device),
             truncated=rollout.truncated.to(device),
+            sampler_logprobs=None if logprobs is None else rollout.sampler_logprobs.to(device),
         )
 
     def sync(self, model: torch.nn.Module) -> None:
-        """Copy `model`'s current weights into the engine (every rank together under FSDP)."""
+        """Copy `model`'s current weights into the engine (every rank together under FSDP), and prove that
+        every weight arrived (`sync.py`): a `WeightSyncError` otherwise, and the engine stays stale."""
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(model)})
+        shapes, sent = checkpoint_shapes(model), []
+        weights = recorded(engine_weights(model), shapes, sent)
+        reports = self.llm.collective_rpc(reload_and_report, kwargs={"weights_iterator": weights})
+        for engine_missing, engine_dropped in reports:
+            check_sync(sent, set(shapes), engine_missing, engine_dropped)
         self.llm.apply_model(repack_output_layer)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self._source, self._stale = model, False
@@ -164,7 +202,7 @@ class VLLMEngine(RolloutEngine):
     def _start(self, model: torch.nn.Module) -> None:
         self.check_model(model)
         hf_model = base_model(model)
-        dtype = self.options["dtype"] or str(next(hf_model.parameters()).dtype).removeprefix("torch.")
+        dtype = engine_dtype(self.options["dtype"], self.precision, next(hf_model.parameters()).dtype)
         start = time.perf_counter()
         with contained_side_effects(), tempfile.TemporaryDirectory(prefix="opsd-vllm-") as folder:
             config = copy.deepcopy(hf_model.config)
@@ -174,25 +212,43 @@ class VLLMEngine(RolloutEngine):
         self._stale = True
         log.info("vLLM engine started in %.1f s (%s)", time.perf_counter() - start, dtype)
 
-    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
-        """vLLM crashes on an id outside the vocabulary (and then hangs on the next request), and silently
-        cuts a completion that would run past max_model_len: refuse both before generating."""
+    def _prompt_refusal(self, prompts: list[list[int]], max_new_tokens: int) -> str | None:
+        """Why vLLM cannot take these prompts, or None. vLLM crashes on an id outside the vocabulary (and
+        then hangs on the next request), and silently cuts a completion that would run past max_model_len."""
         model_config = self.llm.llm_engine.model_config
         vocab_size, max_model_len = model_config.get_vocab_size(), model_config.max_model_len
         for ids in prompts:
             outside = [token for token in ids if not 0 <= token < vocab_size]
             if outside:
-                raise ValueError(
+                return (
                     f"prompt token id {outside[0]} is outside the model's vocabulary ({vocab_size} ids): the "
                     "tokenizer does not match the model; vLLM cannot run it (rollout=hf would fail too)"
                 )
         longest = max((len(ids) for ids in prompts), default=0)
         if longest + max_new_tokens > max_model_len:
-            raise ValueError(
+            return (
                 f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                 f"rollout.max_model_len={max_model_len}: raise it (the KV cache must hold it) or shorten the "
                 "prompt budget (context.max_prompt_tokens) or the completion budget"
             )
+        return None
+
+
+def check_one_output_per_prompt(outputs: Sequence[Any], prompts: int) -> None:
+    """vLLM answers each request once; anything else (an aborted request) would misalign every row after."""
+    if len(outputs) != prompts or any(not output.outputs for output in outputs):
+        answered = sum(bool(output.outputs) for output in outputs)
+        raise RuntimeError(f"vLLM returned {answered} completions for {prompts} prompts")
+
+
+def engine_dtype(dtype: str | None, precision: str | int | None, parameter_dtype: torch.dtype) -> str:
+    """The engine's dtype: `rollout.dtype` when set; else the dtype training computes in. Under mixed
+    precision that is the autocast dtype (bf16-mixed: bfloat16, 16-mixed: float16), not the fp32 master
+    weights'; otherwise the parameters' own."""
+    if dtype:
+        return dtype
+    mixed = {"bf16-mixed": "bfloat16", "bf16": "bfloat16", "16-mixed": "float16", "16": "float16"}
+    return mixed.get(str(precision), str(parameter_dtype).removeprefix("torch."))
 
 
 def start_llm(folder: str, options: dict[str, Any]) -> Any:
@@ -207,6 +263,8 @@ def start_llm(folder: str, options: dict[str, Any]) -> Any:
             load_format="dummy",
             skip_tokenizer_init=True,
             generation_config="vllm",  # sampling settings come from our config alone
+            logits_processors=[processor_class()],  # top-p within top-k without a vocabulary sort
+            logprobs_mode="processed_logprobs",  # a token's log q as sampled: after temperature, top-k, top-p
             seed=0,
             **options,
             **distributed_options(),
@@ -263,34 +321,6 @@ def prompt_token_lists(prompt: TokenBatch) -> list[list[int]]:
     """Each row's ids without its padding."""
     rows = zip(prompt.input_ids.cpu(), prompt.attention_mask.bool().cpu(), strict=True)
     return [ids[mask].tolist() for ids, mask in rows]
-
-
-def sampling_params(sampling: SamplingConfig, eos_ids: Sequence[int], seed: int | None, rows: int) -> list:
-    """One `SamplingParams` per row. Stops exactly at our EOS ids, like `generate_rollouts` (vLLM's own EOS
-    from the model config is ignored). Rows get different seeds derived from `seed`: a group of copies of one
-    prompt (GRPO, num_samples) must not sample the same completion."""
-    SamplingParams = vllm_api().SamplingParams  # noqa: N806 - a class
-    common = {
-        "max_tokens": sampling.max_new_tokens,
-        "stop_token_ids": list(eos_ids),
-        "ignore_eos": True,
-    }
-    if sampling.temperature == 0:
-        return [SamplingParams(temperature=0.0, **common) for _ in range(rows)]
-    return [
-        SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or -1,  # -1: off
-            seed=None if seed is None else row_seed(seed, row),
-            **common,
-        )
-        for row in range(rows)
-    ]
-
-
-def row_seed(seed: int, row: int) -> int:
-    return hash((seed, row)) % (2**31)
 
 
 @contextlib.contextmanager

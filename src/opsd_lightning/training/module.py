@@ -43,11 +43,12 @@ from opsd_lightning.options import build_settings
 from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
 from opsd_lightning.rollout.episodes import Episodes
 from opsd_lightning.rollout.lifecycle import EngineLifecycle
+from opsd_lightning.rollout.ranks import refuse_together
 from opsd_lightning.rollout.samplers import RolloutSource, Sampler, SingleSampler
 from opsd_lightning.teachers.modes import DynamicTeacher, Teacher
 from opsd_lightning.training.evaluation import BenchmarkEvaluation
 from opsd_lightning.training.settings import StepSettings
-from opsd_lightning.training.stepper import MicroBatchLoss, OptimizerStepper
+from opsd_lightning.training.stepper import MicroBatchLoss, OptimizerStepper, check_raw_batch
 
 STEP_OPTIONS = tuple(f.name for f in dataclasses.fields(StepSettings))
 
@@ -109,6 +110,7 @@ class OnPolicyModule(OptimizerStepper):
         self.tokenizer = tokenizer
         self.contexts = contexts
         self.sampler = sampler if sampler is not None else SingleSampler()
+        self.contexts = self.sampler.contexts_for(contexts)
         self.terms = nn.ModuleList(active_terms(terms, self.sampler))
         self.sampling = build_settings(SamplingConfig, sampling, "algorithm.sampling")
         self.engine = engine if engine is not None else HFEngine()
@@ -148,8 +150,14 @@ class OnPolicyModule(OptimizerStepper):
     # ---- one micro-batch ------------------------------------------------------------------------
     def micro_batch_loss(self, batch: Mapping, micro_index: int) -> MicroBatchLoss:
         seed = self.rollout_seed(micro_index)
-        episodes = self.sampler.sample(batch, self.rollout_source(), seed)
-        prompts = self.teacher_prompts(batch, episodes, seed) if self.needs_teacher else None
+
+        def sample() -> tuple[Episodes, TeacherPrompts | None]:
+            check_raw_batch(batch)
+            episodes = self.sampler.sample(batch, self.rollout_source(), seed)
+            return episodes, self.teacher_prompts(batch, episodes, seed) if self.needs_teacher else None
+
+        # Under DDP a refusal on one rank is raised on every rank: alone, it would hang the others.
+        episodes, prompts = refuse_together(sample)
         slices = self.steps.row_slices(len(episodes))
         loss_sum = torch.zeros((), device=self.device)
         totals: list[TermTotals] = [TermTotals() for _ in self.terms]
@@ -181,8 +189,22 @@ class OnPolicyModule(OptimizerStepper):
                 self.model, prompt, self.sampling, self.eos_ids, self.tokenizer.pad_token_id, seed
             )
 
+        def generate_with(
+            prompt: TokenBatch, sampling: SamplingConfig, stop_ids: Sequence[int], seed: int | None
+        ) -> Rollout:
+            return self.engine.generate(
+                self.model, prompt, sampling, stop_ids, self.tokenizer.pad_token_id, seed
+            )
+
         return RolloutSource(
-            self.contexts, self.tokenizer, self.eos_ids, self.device, generate, self.count_generated
+            self.contexts,
+            self.tokenizer,
+            self.eos_ids,
+            self.device,
+            generate,
+            self.count_generated,
+            self.sampling,
+            generate_with,
         )
 
     def teacher_prompts(self, batch: Mapping, episodes: Episodes, seed: int) -> TeacherPrompts:

@@ -109,7 +109,6 @@ class OptimizerStepper(L.LightningModule):
         return hash((self.seed, self.global_step, micro_index, self.global_rank)) % (2**31)
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
-        check_raw_batch(batch)
         micro_index = batch_idx % self.accumulate_grad_batches
         if micro_index == 0:
             self._window = {"loss_sum": 0.0, "num_tokens": 0.0, "start": time.perf_counter()}
