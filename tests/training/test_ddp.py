@@ -252,6 +252,8 @@ def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy
 
     strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
-    trainer = quiet_trainer(tmp_path, devices=2, strategy=strategy, max_steps=1, use_distributed_sampler=False)
+    trainer = quiet_trainer(
+        tmp_path, devices=2, strategy=strategy, max_steps=1, use_distributed_sampler=False
+    )
     with pytest.raises(Exception, match=r"rank 1 \(of 1 refusing\): a training problem has no reference"):
         trainer.fit(opsd_module(build_small_tiny()), datamodule=OneRankWithoutReferences())

@@ -313,7 +313,7 @@ def unpadded(prompt, row: int) -> list[int]:
 def test_own_rollout_context_holds_the_shortest_correct_rollouts_ids_verbatim(fresh_tiny, monkeypatch):
     module = ssopd_module(fresh_tiny, group_size=3)
     episodes, chosen = hand_built_episodes(module, monkeypatch)
-    batch = {"problem": PROBLEMS, "answer": ["19", "7"]}  # no reference solutions at all
+    batch = {"problem": PROBLEMS, "solution": ["", ""], "answer": ["19", "7"]}  # no reference solutions
     context = module.teacher_prompts(batch, episodes, 0)
     expected = module.contexts.teacher_ids_spliced(PROBLEMS[0], chosen)
     for row in range(3):

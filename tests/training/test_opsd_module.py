@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import lightning as L
+import pytest
 import torch
 
 from opsd_lightning.contexts.teacher import ReasonFirstContext
@@ -183,3 +184,34 @@ def test_chunked_loss_scores_with_the_ema_teachers_own_head(fresh_tiny):
         module.terms[0].loss = LossSettings(backend=backend)
         sums[backend] = distill_sum(module, *args).loss_sum.detach()
     torch.testing.assert_close(sums["chunked"], sums["full_logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_one_generate_per_step_trains_as_the_accumulated_micro_batches_it_replaces(tmp_path):
+    """The recipes generate a step's prompts in one call (batch 4, trained 2 rows at a time) instead of one
+    call per accumulated micro-batch (batch 2 x 2 steps): the weights do not change inside a step, so greedy
+    rollouts, the token-mean loss and the update are the same, with half the engine calls."""
+    from tests.conftest import build_small_tiny
+
+    greedy = {"temperature": 0.0, "max_new_tokens": 6}
+    setups = {"accumulated": (2, {"accumulate_grad_batches": 2}), "batched": (4, {"micro_batch_size": 2})}
+    results = {}
+    for name, (batch_size, options) in setups.items():
+        loaded = build_small_tiny()
+        # SGD: the update is linear in the gradient, whose fp32 sums the two setups order differently.
+        module = opsd_module(loaded, sampling=greedy, gradient_clip_val=None, **options)
+        calls = []
+        generate = module.engine.generate
+        module.engine.generate = lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs)
+        trainer = fit(module, steps=1, tmp_path=tmp_path / name, batch_size=batch_size)
+        weights = {key: value.clone() for key, value in loaded.model.state_dict().items()}
+        results[name] = (
+            len(calls),
+            float(trainer.callback_metrics["train/loss"]),
+            module.generated_tokens,
+            weights,
+        )
+    (calls_a, loss_a, tokens_a, weights_a), (calls_b, loss_b, tokens_b, weights_b) = results.values()
+    assert (calls_a, calls_b) == (2, 1) and tokens_a == tokens_b > 0
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for key, value in weights_a.items():
+        torch.testing.assert_close(weights_b[key], value, rtol=1e-5, atol=1e-6, msg=key)
