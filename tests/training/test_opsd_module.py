@@ -199,9 +199,13 @@ def test_one_generate_per_step_trains_as_the_accumulated_micro_batches_it_replac
         loaded = build_small_tiny()
         # SGD: the update is linear in the gradient, whose fp32 sums the two setups order differently.
         module = opsd_module(loaded, sampling=greedy, gradient_clip_val=None, **options)
-        calls = []
-        generate = module.engine.generate
-        module.engine.generate = lambda *args, **kwargs: calls.append(1) or generate(*args, **kwargs)
+        calls: list[int] = []
+
+        def counted(*args, calls=calls, generate=module.engine.generate, **kwargs):
+            calls.append(1)
+            return generate(*args, **kwargs)
+
+        module.engine.generate = counted
         trainer = fit(module, steps=1, tmp_path=tmp_path / name, batch_size=batch_size)
         weights = {key: value.clone() for key, value in loaded.model.state_dict().items()}
         results[name] = (
