@@ -259,3 +259,39 @@ def test_an_adapter_folder_loads_with_peft_and_reproduces_the_student(tmp_path):
     with torch.no_grad():
         expected = student.model.eval()(input_ids=probe).logits
         torch.testing.assert_close(reloaded.model.eval()(input_ids=probe).logits, expected)
+
+
+def test_a_null_batch_size_sends_the_whole_shard_in_one_call_and_scores_the_same(tmp_path):
+    """`evaluation.batch_size=null` (conf/evaluation/paper.yaml, for vLLM): one `generate` per benchmark shard
+    instead of one per `batch_size` sequences; greedy completions, records and metrics are the same."""
+    from opsd_lightning.cli.evaluate import score_benchmark
+    from opsd_lightning.data.arith import generate_examples
+    from opsd_lightning.models import eos_token_ids
+    from opsd_lightning.rollout import HFEngine
+    from tests.conftest import build_small_tiny
+
+    loaded = build_small_tiny()
+    contexts = ContextRenderer(loaded.tokenizer)
+    rows = [{"id": str(i), **row} for i, row in enumerate(generate_examples(5, seed=0))]
+    greedy = {"temperature": 0.0, "max_new_tokens": 6}
+    outcomes = {}
+    for batch_size in (2, None):  # 1 problem x 2 samples per call; all 5 problems at once
+        settings = EvalSettings(sampling=greedy, num_samples=2, ks=[1, 2], batch_size=batch_size)
+        calls: list[int] = []
+
+        def score(batch, seed, settings=settings, calls=calls):
+            calls.append(len(batch["problem"]))
+            eos = eos_token_ids(loaded.model, loaded.tokenizer)
+            return score_problems(
+                loaded.model, loaded.tokenizer, contexts, batch, settings, eos, seed, HFEngine()
+            )
+
+        out = tmp_path / str(batch_size)
+        out.mkdir()
+        metrics = score_benchmark("arith", rows, score, settings, 0, out)
+        outcomes[batch_size] = (calls, metrics, (out / "arith.jsonl").read_text())
+    (calls_by_2, metrics_by_2, records_by_2), (calls_whole, metrics_whole, records_whole) = outcomes.values()
+    assert calls_by_2 == [1] * 5 and calls_whole == [5]
+    assert metrics_whole == metrics_by_2 and records_whole == records_by_2
+    with pytest.raises(ValueError, match=r"evaluation.batch_size=0 must be >= 1 \(or null"):
+        EvalSettings(batch_size=0)

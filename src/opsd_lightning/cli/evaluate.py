@@ -116,7 +116,7 @@ def score_benchmark(
     ):
         for index, batch in enumerate(problem_batches(rows, settings.problems_per_batch)):
             # Seeded by position, as the evaluation during training is.
-            results = score(batch, seed=seed + index * settings.problems_per_batch)
+            results = score(batch, seed=seed + index * (settings.problems_per_batch or 0))
             metric.update(results)
             jsonl.writelines(json.dumps(result.to_json()) + "\n" for result in results)
             progress.update(len(results))

@@ -22,9 +22,9 @@ def collate_problems(rows: list[Row]) -> dict[str, list[str]]:
     return batch
 
 
-def problem_batches(rows: list[Row], problems_per_batch: int) -> DataLoader:
-    """Benchmark rows in evaluation batches, in order."""
-    return DataLoader(rows, batch_size=problems_per_batch, collate_fn=collate_problems)
+def problem_batches(rows: list[Row], problems_per_batch: int | None) -> DataLoader:
+    """Benchmark rows in evaluation batches, in order (None: all rows in one batch)."""
+    return DataLoader(rows, batch_size=problems_per_batch or max(1, len(rows)), collate_fn=collate_problems)
 
 
 class WithBenchmarks(L.LightningDataModule):
@@ -35,7 +35,10 @@ class WithBenchmarks(L.LightningDataModule):
     """
 
     def __init__(
-        self, datamodule: L.LightningDataModule, benchmarks: Sequence[Benchmark], problems_per_batch: int
+        self,
+        datamodule: L.LightningDataModule,
+        benchmarks: Sequence[Benchmark],
+        problems_per_batch: int | None,
     ) -> None:
         self.datamodule = datamodule  # first: LightningDataModule.__init__ sets `trainer`, forwarded to it
         super().__init__()

@@ -24,18 +24,21 @@ class EvalSettings:
     """How benchmarks are evaluated (`evaluation:` in the configs).
 
     The paper samples at temperature 1.0 and reports avg@k; `ks` adds pass@k and maj@k.
-    `batch_size` counts sequences per `generate` call (problems x num_samples).
+    `batch_size` counts sequences per `generate` call (problems x num_samples); None sends a rank's whole
+    shard of each benchmark in one call (for engines that schedule their own batches: vLLM).
     """
 
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
     num_samples: int = 4
     ks: list[int] = field(default_factory=lambda: [1])
-    batch_size: int = 256
+    batch_size: int | None = 256
     grade_timeout_s: float = 5.0
     context: str = "student"  # "teacher": the reference solution in view (an upper bound for OPSD)
 
     def __post_init__(self) -> None:
         self.sampling = build_settings(SamplingConfig, self.sampling, "sampling")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"evaluation.batch_size={self.batch_size} must be >= 1 (or null: a whole shard)")
         if self.num_samples < 1:
             raise ValueError(f"evaluation.num_samples={self.num_samples} must be >= 1")
         bad = [k for k in self.ks if not 1 <= k <= self.num_samples]
@@ -52,8 +55,9 @@ class EvalSettings:
         return f"avg@{self.num_samples}" if key == "avg@n" else key
 
     @property
-    def problems_per_batch(self) -> int:
-        return max(1, self.batch_size // self.num_samples)
+    def problems_per_batch(self) -> int | None:
+        """Problems per `generate` call; None: all of them."""
+        return None if self.batch_size is None else max(1, self.batch_size // self.num_samples)
 
 
 @dataclass

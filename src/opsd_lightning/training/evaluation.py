@@ -46,7 +46,7 @@ class BenchmarkEvaluation(nn.Module):
     ) -> None:
         # Seeded by position, as opsd-eval does: every evaluation of the same model draws the same samples,
         # and before/after comparisons share their random numbers.
-        seed = seed + batch_idx * self.settings.problems_per_batch
+        seed = seed + batch_idx * (self.settings.problems_per_batch or 0)  # None: one batch
         results = score_problems(model, tokenizer, contexts, batch, self.settings, eos_ids, seed, engine)
         self.metrics[f"{stage}_{index}"].update(results)
 
