@@ -1,4 +1,4 @@
-"""Rollouts at the Qwen3-1.7B shape on one GPU: HF `generate` vs vLLM, weight sync, one real OPSD step.
+"""Rollouts at the Qwen3-1.7B shape on one GPU: HF `generate` vs vLLM, weight sync, real OPSD steps.
 
 One command on one H100/H200 (random weights, the real Qwen3 tokenizer; needs the `vllm` extra):
 
@@ -16,54 +16,60 @@ error and the others still run):
 - opsd_step: one step of the real path (`OnPolicyModule` with OPSD's parts in a Lightning `Trainer`, LoRA
   r=64, gradient checkpointing, the chunked loss, the fixed teacher, 32 prompts x 1,024 tokens) with
   `rollout=hf` and `rollout=vllm`: generate / sync / train seconds and peak memory;
+- batched_step: the recipes' optimizer step, its 8 prompts generated in one call and trained 2 rows per
+  backward (`micro_batch_size=2`, `accumulate_grad_batches=1`), against the old way, one generate per
+  data batch of 2 accumulated over 4: generate / sync / train seconds of each and their ratios
+  (`generate_speedup`, `step_speedup`: old over batched; `train_ratio`: batched over old, ~1), with
+  `rollout=hf` and `rollout=vllm`;
+- sleep_mode: one engine with `sleep_mode=True` generating a step's 32 prompts after each weight change,
+  at `sleep_level` 2 then 1: seconds of each phase of a generation (wake the weights, sync, wake the KV
+  cache, generate, sleep; `overhead_s` is all but the generate) and the GPU's free memory awake and asleep
+  (`torch.cuda.mem_get_info`; `freed_gib`, and `held_asleep_gib`, what the sleeping engine keeps);
 - targets: issue 13's targets next to the measurements.
 
-Expect roughly 10-15 minutes on one H100/H200 (an estimate: HF generate of 1,024 tokens dominates, and its
-static cache compiles once per batch size). Under a per-command time limit, run it in two parts, each with
-its own `--out`: `--sections rollouts`, then `--sections weight_sync opsd_step adapter_only` (sections run
-in this order and build on each other: `weight_sync` applies LoRA, the adapter-only engine starts last).
+Expect roughly 20-25 minutes on one H100/H200 (an estimate: HF generate of 1,024 tokens dominates, and its
+static cache compiles once per batch size). Under a per-command time limit, run it in parts, each with its
+own `--out`: `--sections rollouts`, `--sections weight_sync opsd_step`, `--sections batched_step`, then
+`--sections sleep_mode adapter_only` (sections run in this order and build on each other: `weight_sync`
+applies LoRA, or the first OPSD section does; the sleep-mode and adapter-only engines start last, beside
+the first engine).
+
+The sections' code: rollouts here, weight_sync and adapter_only in `gpu_sync.py`, the OPSD steps and sleep
+mode in `gpu_steps.py`.
 
 `--smoke` runs every section on the CPU with a tiny Qwen3 (head dimension 32) and a few tokens, strictly
-(any error stops it), so a test checks the script: `python experiments/bench/gpu_rollout.py --smoke`.
+(any error stops it), so a test checks the script: `python experiments/bench/gpu_rollout.py --smoke`. There
+`sleep_mode` records that it was skipped, with `VLLMEngine`'s reason (vLLM's CPU backend has no sleep mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import functools
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
 from opsd_lightning.contexts.batches import TokenBatch
 from opsd_lightning.contexts.renderer import ContextRenderer
 from opsd_lightning.data.arith import generate_examples
-from opsd_lightning.data.datamodule import collate_raw_text
-from opsd_lightning.models import build_tiny_tokenizer, enable_gradient_checkpointing, eos_token_ids
+from opsd_lightning.models import build_tiny_tokenizer, eos_token_ids
+from opsd_lightning.models.hf import enable_gradient_checkpointing
 from opsd_lightning.models.lora import apply_peft
-from opsd_lightning.objectives import Distill, ForwardKL
 from opsd_lightning.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig, VLLMEngine
-from opsd_lightning.rollout.samplers import SingleSampler
-from opsd_lightning.rollout.vllm import prompt_token_lists
-from opsd_lightning.teachers.modes import FixedTeacher
-from opsd_lightning.training.module import OnPolicyModule
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_opsd_step import LORA, Timing  # noqa: E402
+from gpu_opsd_step import LORA  # noqa: E402
+from gpu_steps import SAMPLING, measure_batched_step, measure_opsd_step, measure_sleep_mode  # noqa: E402
+from gpu_sync import measure_adapter_only, measure_sync  # noqa: E402
 
 # Qwen3-1.7B's config.json, hard-coded so that no model download is needed (the weights are random).
 QWEN3_1_7B = {
@@ -88,7 +94,6 @@ SMOKE_SHAPE = {
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
 }
-SAMPLING = {"temperature": 1.1, "top_p": 0.95, "top_k": 20}  # the Qwen3 OPSD recipe's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +105,14 @@ class Plan:
     precision: str  # Lightning's
     batches: tuple[int, ...]  # rollout batch sizes
     new_tokens: int  # per rollout, in every section
-    step_prompts: int  # the OPSD step's batch
+    step_prompts: int  # the OPSD step's batch, and the sleep-mode engine's
+    window: tuple[int, int]  # the batched step's (rows per backward, backwards per optimizer step)
     steps: int  # OPSD steps per engine; the first warms up, the last is reported
     warm_calls: int  # rollout calls timed after the first
     sync_repeats: int
     engine: dict  # VLLMEngine options (conf/rollout/vllm.yaml)
     adapter_engine: dict  # memory options of the adapter-only engine (a second one, beside the first)
+    sleep_engine: dict  # memory options of the sleep-mode engine (a third one)
 
 
 GPU_PLAN = Plan(
@@ -115,6 +122,7 @@ GPU_PLAN = Plan(
     batches=(64, 256),
     new_tokens=1024,
     step_prompts=32,
+    window=(2, 4),  # the paper's batch 2 x 4 accumulation steps, per device
     steps=2,
     warm_calls=1,
     sync_repeats=3,
@@ -123,6 +131,7 @@ GPU_PLAN = Plan(
     engine={"gpu_memory_utilization": 0.45, "max_num_seqs": 256, "max_model_len": 2048},
     # vLLM refuses to start unless the free memory covers gpu_memory_utilization, even with a fixed cache.
     adapter_engine={"gpu_memory_utilization": 0.3, "kv_cache_memory_bytes": 20 * 2**30},
+    sleep_engine={"gpu_memory_utilization": 0.25, "kv_cache_memory_bytes": 20 * 2**30},
 )
 SMOKE_PLAN = Plan(
     device="cpu",
@@ -131,6 +140,7 @@ SMOKE_PLAN = Plan(
     batches=(4, 8),
     new_tokens=6,
     step_prompts=4,
+    window=(2, 4),
     steps=2,
     warm_calls=1,
     sync_repeats=2,
@@ -141,6 +151,7 @@ SMOKE_PLAN = Plan(
         "enforce_eager": True,
     },
     adapter_engine={"kv_cache_memory_bytes": 32 * 2**20},
+    sleep_engine={},  # VLLMEngine refuses sleep mode on a CPU: the section records that
 )
 
 
@@ -270,189 +281,6 @@ def measure_rollouts(bench: Bench) -> dict:
     return result
 
 
-# ---- weight sync ----------------------------------------------------------------------------------
-def sync_times(bench: Bench) -> list[float]:
-    """Seconds of `VLLMEngine.sync` (the engine started first, outside the timing)."""
-    if bench.vllm.llm is None:
-        bench.generate(bench.vllm, bench.prompts(1), SamplingConfig(temperature=0.0, max_new_tokens=1))
-    return [bench.timed(lambda: bench.vllm.sync(bench.model))[0] for _ in range(bench.plan.sync_repeats)]
-
-
-def measure_sync(bench: Bench) -> dict:
-    """Full weights (the bare model), then LoRA merged on the fly (the same model with adapters)."""
-    full = sync_times(bench)
-    bench.lora_model()
-    merged = sync_times(bench)
-    return {
-        "full_s": round(statistics.median(full), 3),
-        "lora_merged_s": round(statistics.median(merged), 3),
-        "lora_rank": LORA["r"],
-        "repeats": bench.plan.sync_repeats,
-    }
-
-
-def start_adapter_engine(bench: Bench, folder: Path):
-    """A second engine, with vLLM's LoRA support, from the base model's config (dummy weights: the adapter's
-    load time does not depend on them)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
-
-    config = copy.deepcopy(bench.lora_model().get_base_model().config)
-    config.architectures = [Qwen3ForCausalLM.__name__]  # what vLLM builds (else it guesses a pooling model)
-    config.save_pretrained(folder)
-    plan = bench.plan
-    return LLM(
-        model=str(folder),
-        load_format="dummy",
-        dtype=str(plan.dtype).removeprefix("torch."),
-        skip_tokenizer_init=True,
-        generation_config="vllm",
-        enable_lora=True,
-        max_lora_rank=LORA["r"],
-        max_loras=1,
-        max_num_seqs=plan.engine["max_num_seqs"],
-        max_model_len=plan.engine["max_model_len"],
-        **plan.adapter_engine,
-        enforce_eager=plan.engine.get("enforce_eager", False),
-        seed=0,
-    )
-
-
-def measure_adapter_only(bench: Bench) -> dict:
-    """vLLM's own LoRA instead of merged weights: a sync saves the adapter and loads it into the engine
-    under a new id (what each optimizer step would do); then its decode speed with the adapter active."""
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.lora.request import LoRARequest
-
-    folder = Path(tempfile.mkdtemp(prefix="gpu_rollout_"))
-    start_s, llm = bench.timed(lambda: start_adapter_engine(bench, folder / "base"))
-    saves, loads = [], []
-    for step in range(1, bench.plan.sync_repeats + 1):
-        adapter = folder / f"adapter-{step}"
-        saves.append(bench.timed(functools.partial(bench.model.save_pretrained, adapter))[0])
-        request = LoRARequest(f"step-{step}", step, str(adapter))
-        loads.append(bench.timed(functools.partial(llm.llm_engine.add_lora, request))[0])
-        if step > 1:
-            llm.llm_engine.remove_lora(step - 1)
-    batch = bench.plan.batches[0]
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(bench.prompts(batch))]
-    params = SamplingParams(
-        **SAMPLING, max_tokens=bench.plan.new_tokens, stop_token_ids=bench.eos_ids, seed=0
-    )
-    generate = functools.partial(llm.generate, prompts, params, lora_request=request, use_tqdm=False)
-    generate()  # the adapter's first use warms up
-    seconds, outputs = bench.timed(generate)
-    tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
-    return {
-        "sync_s": round(statistics.median(save + load for save, load in zip(saves, loads, strict=True)), 3),
-        "save_adapter_s": round(statistics.median(saves), 3),
-        "load_adapter_s": round(statistics.median(loads), 3),
-        "engine_start_s": round(start_s, 1),
-        f"tokens_per_s_b{batch}_adapter_active": round(tokens / seconds, 1),
-    }
-
-
-# ---- one real OPSD step ---------------------------------------------------------------------------
-class TimedEngine(RolloutEngine):
-    """Wraps an engine and splits each call into weight-sync and generation seconds (a vLLM engine syncs
-    here, timed, when the weights changed; an engine without `sync` reads the live model)."""
-
-    def __init__(self, inner: RolloutEngine, bench: Bench) -> None:
-        self.inner, self.bench = inner, bench
-        self.calls: list[dict] = []
-        self._changed = True  # whatever the engine holds, the first step syncs (timed)
-
-    def generate(self, model, prompt, sampling, eos_ids, pad_id, seed=None) -> Rollout:
-        sync_s = 0.0
-        if self._changed and getattr(self.inner, "llm", None) is not None:
-            sync_s = self.bench.timed(lambda: self.inner.sync(model))[0]
-        self._changed = False
-        seconds, rollout = self.bench.timed(
-            lambda: self.inner.generate(model, prompt, sampling, eos_ids, pad_id, seed)
-        )
-        self.calls.append({"generate_s": seconds, "sync_s": sync_s, "tokens": rollout.num_tokens})
-        return rollout
-
-    def weights_changed(self) -> None:
-        self._changed = True
-        self.inner.weights_changed()
-
-
-def memory_gib(device: str) -> tuple[float, float]:
-    """(now, peak). CUDA: memory PyTorch allocated, vLLM's share included once an engine exists (peak since
-    the last reset); CPU: the process's resident memory (peak over its whole life)."""
-    if device == "cuda":
-        return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
-    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**30, peak_kib / 2**20
-
-
-def trainer(plan: Plan, timing: L.Callback) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu" if plan.device == "cpu" else "gpu",
-        devices=1,
-        precision=plan.precision,
-        max_steps=plan.steps,
-        logger=False,
-        callbacks=[timing],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tempfile.mkdtemp(prefix="gpu_rollout_"),
-    )
-
-
-def opsd_steps(bench: Bench, inner: RolloutEngine) -> dict:
-    """`plan.steps` optimizer steps of OPSD as gpu_opsd_step.py runs them, each split into generate, sync and
-    train (the rest of the step: teacher and student forward, backward, optimizer) seconds."""
-    plan, engine, timing = bench.plan, TimedEngine(inner, bench), Timing()
-    distill = Distill(
-        ForwardKL(temperature=SAMPLING["temperature"]), loss={"backend": "chunked", "chunk_size": 1024}
-    )
-    module = OnPolicyModule(  # OPSD's parts: the distill term on single rollouts, the reference context
-        model=bench.lora_model(),
-        tokenizer=bench.tokenizer,
-        contexts=bench.renderer,
-        optimizer=functools.partial(torch.optim.AdamW, lr=2e-4),
-        terms=[distill],
-        sampler=SingleSampler(),
-        teacher=FixedTeacher(),
-        sampling={**SAMPLING, "max_new_tokens": plan.new_tokens},
-        engine=engine,
-    )
-    rows = generate_examples(plan.step_prompts * plan.steps, seed=1, max_start=30, max_change=20)
-    if plan.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    at_start_gib = memory_gib(plan.device)[0]
-    trainer(plan, timing).fit(
-        module, DataLoader(rows, batch_size=plan.step_prompts, collate_fn=collate_raw_text)
-    )
-    bench.model.to(plan.device)  # Lightning moves the module to the CPU when fit ends
-    steps = [
-        {**call, "step_s": step_s, "train_s": step_s - call["generate_s"] - call["sync_s"]}
-        for call, step_s in zip(engine.calls, timing.steps, strict=True)
-    ]
-    rounded = [{key: round(value, 3) for key, value in step.items()} for step in steps]
-    return {
-        "last_step": rounded[-1],
-        "steps": rounded,
-        "memory_at_start_gib": round(at_start_gib, 2),
-        "peak_memory_gib": round(memory_gib(plan.device)[1], 2),
-    }
-
-
-def measure_opsd_step(bench: Bench) -> dict:
-    result = {"prompts": bench.plan.step_prompts, "new_tokens": bench.plan.new_tokens}
-    result["hf"] = opsd_steps(bench, HFEngine())
-    bench.free_memory()
-    result["vllm"] = opsd_steps(bench, bench.vllm)
-    result["speedup"] = round(result["hf"]["last_step"]["step_s"] / result["vllm"]["last_step"]["step_s"], 2)
-    return result
-
-
 # ---- targets --------------------------------------------------------------------------------------
 def targets(bench: Bench) -> dict:
     """Issue 13's targets next to what was measured (None where a section failed or did not run)."""
@@ -495,6 +323,8 @@ SECTIONS: dict[str, Callable[[Bench], dict]] = {
     "rollouts": measure_rollouts,
     "weight_sync": measure_sync,
     "opsd_step": measure_opsd_step,
+    "batched_step": measure_batched_step,
+    "sleep_mode": measure_sleep_mode,
     "adapter_only": measure_adapter_only,
 }
 

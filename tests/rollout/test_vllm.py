@@ -292,3 +292,19 @@ def test_opsd_eval_gives_the_same_metrics_and_completions_with_either_engine(tau
     assert [json.loads(r)["completions"] for r in rows["vllm"]] == [
         json.loads(r)["completions"] for r in rows["hf"]
     ]
+
+
+def test_an_engine_answering_fewer_prompts_than_it_was_given_is_an_error():
+    """vLLM answers each request once; a missing or empty answer would shift every later row onto another
+    prompt, so it stops the step instead. (Outputs stand in by their one read attribute: an aborted
+    request cannot be provoked on demand.)"""
+    from types import SimpleNamespace
+
+    from opsd_lightning.rollout.vllm import check_one_output_per_prompt
+
+    answered = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2])])
+    check_one_output_per_prompt([answered, answered], 2)
+    with pytest.raises(RuntimeError, match="vLLM returned 1 completions for 2 prompts"):
+        check_one_output_per_prompt([answered], 2)
+    with pytest.raises(RuntimeError, match="vLLM returned 1 completions for 2 prompts"):
+        check_one_output_per_prompt([answered, SimpleNamespace(outputs=[])], 2)

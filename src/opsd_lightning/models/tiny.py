@@ -109,8 +109,8 @@ def build_tiny_tokenizer(
 def build_tiny(
     hidden_size: int = 64,
     num_layers: int = 3,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
     intermediate_size: int = 192,
     max_position_embeddings: int = 1024,
     tokenizer_vocab_size: int = 512,

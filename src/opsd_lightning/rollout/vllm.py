@@ -105,6 +105,7 @@ class VLLMEngine(RolloutEngine):
         self.last_sync_seconds: float | None = None  # how long the latest weight sync took
         self._source: torch.nn.Module | None = None  # the model whose weights the engine holds
         self._stale = True
+        self._asleep = False  # vLLM starts awake: the first generation has nothing to wake
 
     def weights_changed(self) -> None:
         self._stale = True
@@ -116,17 +117,19 @@ class VLLMEngine(RolloutEngine):
         allocated at once); sleep again however generation ends. Level 2 discards the weights while asleep,
         so the next wake must sync."""
         sleeping = self.options["enable_sleep_mode"]
-        if sleeping:
+        if self._asleep:
             self.llm.wake_up(tags=["weights"])
         try:
             if self._stale or model is not self._source:
                 self.sync(model)
-            if sleeping:
+            if self._asleep:
                 self.llm.wake_up(tags=["kv_cache"])
+                self._asleep = False
             yield
         finally:
             if sleeping:
                 self.llm.sleep(level=self.sleep_level)
+                self._asleep = True
                 self._stale = self._stale or self.sleep_level == 2
 
     def generate(
