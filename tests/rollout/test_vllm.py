@@ -308,3 +308,40 @@ def test_an_engine_answering_fewer_prompts_than_it_was_given_is_an_error():
         check_one_output_per_prompt([answered], 2)
     with pytest.raises(RuntimeError, match="vLLM returned 1 completions for 2 prompts"):
         check_one_output_per_prompt([answered, SimpleNamespace(outputs=[])], 2)
+
+
+@pytest.mark.slow  # a tool warm-up and two runs with tool episodes, ~2-4 min on 2 cores: make test-all
+def test_arith_tools_trains_the_same_with_either_engine(tmp_path):
+    """Multi-turn tool episodes (`data=arith_tools`: generate to a closed tool call, run the calculator,
+    append its response, go on) through vLLM and through HF `generate`: greedy, both give the same
+    episodes, so the same tool calls, turns, losses and evaluation."""
+    from opsd_lightning.cli.train import train
+
+    common = [
+        "data=arith_tools",
+        *[f"model.{key}={value}" for key, value in TINY_SHAPE.items()],
+        "warmup.steps=300",  # enough for the base to call the calculator
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.train_size=8",
+        "data.val_size=4",
+        "data.batch_size=4",
+        "algorithm.sampling.temperature=0",
+        "algorithm.sampling.max_new_tokens=64",
+        "environment.max_tokens=96",
+        "evaluation.sampling.temperature=0",
+        "evaluation.sampling.max_new_tokens=64",
+        "evaluation.num_samples=1",
+        "evaluation.ks=[1]",
+        "trainer.max_steps=2",
+        "logger=none",
+        "callbacks=none",
+    ]
+    hf = train(compose_train([*common, "rollout=hf"], tmp_path / "hf"))
+    vllm = train(compose_train([*common, *VLLM_RUN], tmp_path / "vllm"))
+    assert hf["train"]["train/tool_calls"] > 0 and hf["generated_tokens"] > 0
+    assert vllm["generated_tokens"] == hf["generated_tokens"]
+    assert vllm["base"] == hf["base"] and vllm["final"] == hf["final"]
+    untimed = {name for name in hf["train"] if "seconds" not in name and "_per_s" not in name}
+    assert {name: vllm["train"][name] for name in untimed} == pytest.approx(
+        {name: hf["train"][name] for name in untimed}
+    )

@@ -1,7 +1,9 @@
 """`opsd-eval`: evaluate a model on one or more benchmarks and write per-problem results.
 
 Writes `<output_dir>/<benchmark>.jsonl` (one line per problem: id, problem, reference, completions,
-extracted answers, correctness, lengths, truncation) and `summary.json`, and prints a table.
+extracted answers, correctness, lengths, truncation) and `summary.json`, and prints a table. With an
+`environment` (e.g. data=arith_tools) each sample is a multi-turn episode with tools: the lines gain
+`episodes` (every turn, tool call and response) and the metrics `tool_calls`, `tool_error_rate` and `turns`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from opsd_lightning.evaluation.metrics import BenchmarkMetrics
 from opsd_lightning.evaluation.runner import EvalSettings, ProblemResult, score_problems
 from opsd_lightning.models import LoadedModel, eos_token_ids
 from opsd_lightning.models.lora import apply_peft
+from opsd_lightning.rollout.multi_turn import environment_contexts
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,15 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     torch.manual_seed(cfg.seed)
     datamodule = instantiate_datamodule(cfg.data)
     datamodule.setup("fit")
+    # Before the model: a bad environment option fails before any warm-up.
+    environment = instantiate(cfg.environment) if cfg.get("environment") else None
     loaded = build_model(cfg, datamodule)
     loaded.model = apply_peft(loaded.model, cfg.get("peft"))
     loaded = load_weights(loaded, cfg.get("checkpoint"), cfg.get("adapter"))
     model = loaded.model.eval()
     contexts = ContextRenderer(loaded.tokenizer, **cfg.context)
+    if environment is not None:
+        contexts = environment_contexts(environment, contexts)  # the tools in the prompts, as in training
     settings = EvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True))
     eos_ids = eos_token_ids(model, loaded.tokenizer)
 
@@ -74,11 +81,24 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if engine is not None:
         engine.check_model(model)
     score = functools.partial(
-        score_problems, model, loaded.tokenizer, contexts, settings=settings, eos_ids=eos_ids, engine=engine
+        score_problems,
+        model,
+        loaded.tokenizer,
+        contexts,
+        settings=settings,
+        eos_ids=eos_ids,
+        engine=engine,
+        environment=environment,
     )
     summary = {
         benchmark.name: score_benchmark(
-            benchmark.name, benchmark.load(datamodule), score, settings, cfg.seed, out
+            benchmark.name,
+            benchmark.load(datamodule),
+            score,
+            settings,
+            cfg.seed,
+            out,
+            environment is not None,
         )
         for benchmark in build_benchmarks(cfg)
     }
@@ -90,6 +110,11 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
                 "sampling": vars(settings.sampling),
                 "checkpoint": cfg.get("checkpoint"),
                 "adapter": cfg.get("adapter"),
+                **(
+                    {"environment": OmegaConf.to_container(cfg.environment, resolve=True)}
+                    if environment
+                    else {}
+                ),
                 "wall_seconds": round(time.perf_counter() - start, 1),
             },
             indent=2,
@@ -106,10 +131,11 @@ def score_benchmark(
     settings: EvalSettings,
     seed: int,
     out: Path,
+    episodes: bool = False,
 ) -> dict[str, float]:
     """Score a benchmark's rows with `score(batch, seed=...)` and write `<out>/<name>.jsonl`; its problem
-    count and metrics."""
-    metric = BenchmarkMetrics(ks=settings.ks, equivalent=answers_equivalent)
+    count and metrics (with the tool metrics when `episodes`: the samples are episodes in an environment)."""
+    metric = BenchmarkMetrics(ks=settings.ks, equivalent=answers_equivalent, episodes=episodes)
     with (
         (out / f"{name}.jsonl").open("w") as jsonl,
         tqdm(total=len(rows), desc=f"eval {name}", unit="problem", dynamic_ncols=True) as progress,

@@ -82,10 +82,16 @@ class BenchmarkMetrics(Metric):
     votes over the first k samples.
     Metrics with no data compute to nan. See the module docstring for logging from a LightningModule.
 
+    With `episodes=True` (evaluation in an environment), every result carries its samples' episode records
+    (`evaluation/episodes.py`) and three more metrics come out: `tool_calls` (calls run per episode),
+    `tool_error_rate` (calls answered with an error / calls run; nan without calls) and `turns` (model turns
+    per episode).
+
     Args:
         ks: the k values for pass@k and maj@k, each >= 1 (duplicates are dropped).
         equivalent: whether two extracted answers are the same for majority voting; exact string
             equality by default (pass a math-aware grader for real benchmarks).
+        episodes: whether the results are multi-turn episodes, with the tool metrics above.
         **kwargs: forwarded to `torchmetrics.Metric` (e.g. `sync_on_compute`, `process_group`).
     """
 
@@ -101,20 +107,26 @@ class BenchmarkMetrics(Metric):
     format_sum: torch.Tensor
     length_sum: torch.Tensor
     truncated_sum: torch.Tensor
+    tool_call_sum: torch.Tensor
+    tool_error_sum: torch.Tensor
+    turn_sum: torch.Tensor
 
     def __init__(
         self,
         ks: Sequence[int] = (1,),
         equivalent: Callable[[str, str], bool] | None = None,
+        episodes: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.episodes = episodes
         self.ks = list(dict.fromkeys(int(k) for k in ks))
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"ks must be a non-empty sequence of integers >= 1, got {list(ks)}")
         self.equivalent = equivalent if equivalent is not None else _exact_match
         # float64 sums: counts stay exact far past float32's 2**24, and pass@k fractions add up cleanly.
         scalar_states = ("correct_sum", "sample_count", "format_sum", "length_sum", "truncated_sum")
+        scalar_states += ("tool_call_sum", "tool_error_sum", "turn_sum") if episodes else ()
         for name in scalar_states:
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         # One entry per k: a k larger than some problems' n averages over the eligible problems only.
@@ -127,6 +139,7 @@ class BenchmarkMetrics(Metric):
         pass_sum = [0.0] * len(self.ks)
         maj_sum = [0] * len(self.ks)
         problem_count = [0] * len(self.ks)
+        tools = {"tool_call_sum": 0, "tool_error_sum": 0, "turn_sum": 0}
         for result in results:
             n = len(result.correct)
             if n == 0 or not n == len(result.answers) == len(result.lengths) == len(result.truncated):
@@ -137,6 +150,8 @@ class BenchmarkMetrics(Metric):
             format_sum += sum(answer is not None for answer in result.answers)
             length_sum += sum(int(length) for length in result.lengths)
             truncated_sum += sum(bool(flag) for flag in result.truncated)
+            if self.episodes:
+                _add_episodes(tools, result.episodes, n)
             for index, k in enumerate(self.ks):
                 if n < k:
                     continue
@@ -153,12 +168,14 @@ class BenchmarkMetrics(Metric):
             ("pass_sum", pass_sum),
             ("maj_sum", maj_sum),
             ("problem_count", problem_count),
+            *(tools.items() if self.episodes else ()),
         ):
             state = getattr(self, name)
             setattr(self, name, state + torch.tensor(value, dtype=state.dtype, device=state.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """avg@n, pass@{k}, maj@{k}, format_rate, completion_length, truncation_rate as float32 scalars."""
+        """avg@n, pass@{k}, maj@{k}, format_rate, completion_length, truncation_rate (and with `episodes`,
+        tool_calls, tool_error_rate, turns) as float32 scalars."""
         values = {
             "avg@n": _ratio(self.correct_sum, self.sample_count),
             **{f"pass@{k}": _ratio(self.pass_sum[i], self.problem_count[i]) for i, k in enumerate(self.ks)},
@@ -167,8 +184,26 @@ class BenchmarkMetrics(Metric):
             "completion_length": _ratio(self.length_sum, self.sample_count),
             "truncation_rate": _ratio(self.truncated_sum, self.sample_count),
         }
+        if self.episodes:
+            values["tool_calls"] = _ratio(self.tool_call_sum, self.sample_count)
+            values["tool_error_rate"] = _ratio(self.tool_error_sum, self.tool_call_sum)
+            values["turns"] = _ratio(self.turn_sum, self.sample_count)
         # float32 so every logger and device (MPS has no float64) accepts the values.
         return {name: value.float() for name, value in values.items()}
+
+
+def _add_episodes(sums: dict[str, int], episodes: Sequence[dict] | None, n: int) -> None:
+    """Add one problem's episodes' tool calls, tool errors and turns to `sums`."""
+    if episodes is None or len(episodes) != n:
+        raise ValueError(
+            f"BenchmarkMetrics(episodes=True) needs one episode record per sample ({n}), got "
+            f"{'none' if episodes is None else len(episodes)}: score the problems with an environment"
+        )
+    for episode in episodes:
+        calls = [turn["tool_call"] for turn in episode["turns"] if turn["tool_call"] is not None]
+        sums["tool_call_sum"] += len(calls)
+        sums["tool_error_sum"] += sum(bool(call["error"]) for call in calls)
+        sums["turn_sum"] += len(episode["turns"])
 
 
 def _ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

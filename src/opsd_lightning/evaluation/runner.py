@@ -2,12 +2,14 @@
 context (the same rendering as training), extract the last boxed answer, grade it.
 
 `context=teacher` samples with the reference solution in view instead: how well the teacher solves
-the problem, which bounds what OPSD can distil."""
+the problem, which bounds what OPSD can distil. With an `environment` (e.g. data=arith_tools), each sample is
+a multi-turn episode with tools (`evaluation/episodes.py`), graded on its final answer the same way."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,6 +19,9 @@ from opsd_lightning.evaluation.answers import extract_answer
 from opsd_lightning.evaluation.grading import grade
 from opsd_lightning.options import build_settings
 from opsd_lightning.rollout import HFEngine, RolloutEngine, SamplingConfig
+
+if TYPE_CHECKING:
+    from opsd_lightning.environments.base import Environment
 
 
 @dataclass
@@ -72,9 +77,14 @@ class ProblemResult:
     correct: list[bool]
     lengths: list[int]
     truncated: list[bool]
+    # In an environment, each sample's episode record (evaluation/episodes.py); None for single-turn samples.
+    episodes: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if self.episodes is None:
+            del record["episodes"]  # single-turn records keep their keys
+        return record
 
 
 def as_settings(value: EvalSettings | Mapping | None) -> EvalSettings:
@@ -93,15 +103,18 @@ def score_problems(
     eos_ids: Sequence[int],
     seed: int | None,
     engine: RolloutEngine | None = None,
+    environment: Environment | None = None,
 ) -> list[ProblemResult]:
     """Sample `num_samples` completions for each problem of a raw-text batch (with `engine`, default
-    Hugging Face `generate`) and grade them."""
+    Hugging Face `generate`) and grade them; with `environment`, each one is a multi-turn episode in it
+    (`contexts` must then render its tools: `rollout.multi_turn.environment_contexts`)."""
     k = settings.num_samples
     problems = list(batch["problem"])
     references = list(batch.get("answer") or [""] * len(problems))
     ids = list(batch.get("id") or [str(index) for index in range(len(problems))])
     device = next(model.parameters()).device
     repeated = [p for p in problems for _ in range(k)]
+    solutions = None
     if settings.context == "teacher":
         if not batch.get("solution"):
             raise ValueError(
@@ -109,13 +122,32 @@ def score_problems(
                 "(its rows carry no 'solution'); use evaluation.context=student"
             )
         solutions = [s for s in batch["solution"] for _ in range(k)]
-        prompt = contexts.teacher_batch(repeated, solutions).to(device)
-    else:
-        prompt = contexts.student_batch(repeated).to(device)
     engine = engine if engine is not None else HFEngine()
-    rollout = engine.generate(model, prompt, settings.sampling, eos_ids, tokenizer.pad_token_id, seed)
-    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
+    episodes = None
+    if environment is not None:
+        # Here, not at the top: the environments import evaluation.grading, which imports this package.
+        from opsd_lightning.evaluation.episodes import sample_episodes
+
+        texts, lengths, truncated, episodes = sample_episodes(
+            model,
+            tokenizer,
+            contexts,
+            repeated,
+            solutions,
+            settings.sampling,
+            eos_ids,
+            seed,
+            engine,
+            environment,
+        )
+    else:
+        if solutions is not None:
+            prompt = contexts.teacher_batch(repeated, solutions).to(device)
+        else:
+            prompt = contexts.student_batch(repeated).to(device)
+        rollout = engine.generate(model, prompt, settings.sampling, eos_ids, tokenizer.pad_token_id, seed)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
     results = []
     for index, (problem_id, problem, reference) in enumerate(zip(ids, problems, references, strict=True)):
         span = slice(index * k, (index + 1) * k)
@@ -130,6 +162,7 @@ def score_problems(
                 correct=[grade(a, reference, timeout_s=settings.grade_timeout_s) for a in answers],
                 lengths=[int(n) for n in lengths[span]],
                 truncated=[bool(t) for t in truncated[span]],
+                episodes=None if episodes is None else episodes[span],
             )
         )
     return results

@@ -10,10 +10,11 @@ live episodes are generated together, one engine call per turn, through the engi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from opsd_lightning.contexts.batches import left_pad
 from opsd_lightning.contexts.renderer import ContextRenderer
@@ -35,10 +36,96 @@ class EpisodeTrace:
     turns: int = 0
     done: bool = False
     truncated: bool = False
+    # Each model turn's ids; every turn but the last closed the call `calls[turn]` (the last may have too).
+    turn_ids: list[list[int]] = field(default_factory=list)
 
     def extend(self, ids: list[int], by_model: bool) -> None:
         self.ids += ids
         self.model += [by_model] * len(ids)
+
+    def text(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The model's own tokens decoded (no tool responses): what the reward and the grader read."""
+        return tokenizer.decode(
+            [i for i, m in zip(self.ids, self.model, strict=True) if m], skip_special_tokens=True
+        )
+
+
+@dataclass
+class EpisodeRun:
+    """A batch of episodes as sampled: one trace per prompt, and the tokens and seconds generation took."""
+
+    traces: list[EpisodeTrace]
+    generated: int
+    seconds: float
+
+
+def environment_contexts(environment: Environment, contexts: ContextRenderer) -> ContextRenderer:
+    """The renderer with the environment's tools in every prompt; refuses a chat template that cannot render
+    tool calls (before any training or evaluation)."""
+    schemas = environment.toolbox.schemas()
+    if not schemas:
+        return contexts
+    ToolFormat(contexts.tokenizer, schemas, contexts.student_enable_thinking)
+    return contexts.with_tools(schemas)
+
+
+def run_episodes(
+    environment: Environment, prompt_ids: Sequence[list[int]], source: RolloutSource, seed: int | None
+) -> EpisodeRun:
+    """One episode per prompt in `environment`, all live ones generated together, one engine call per turn
+    (training's multi-turn sampler and benchmark evaluation alike)."""
+    env, tokenizer = environment, source.tokenizer
+    schemas = env.toolbox.schemas()
+    fmt = ToolFormat(tokenizer, schemas, source.contexts.student_enable_thinking) if schemas else None
+    budget = env.max_tokens or source.sampling.max_new_tokens
+    stop_ids = [*source.eos_ids, *([fmt.close_id] if fmt else [])]
+    traces = [EpisodeTrace() for _ in prompt_ids]
+    generated, seconds = 0, 0.0
+    for turn in range(env.max_turns):
+        live = [row for row, trace in enumerate(traces) if not trace.done]
+        if not live:
+            break
+        room = {row: budget - len(traces[row].ids) for row in live}
+        sampling = replace(source.sampling, max_new_tokens=max(room.values()))
+        prompt = left_pad([list(prompt_ids[r]) + traces[r].ids for r in live], tokenizer.pad_token_id)
+        turn_seed = None if seed is None else seed + 7919 * turn
+        rollout = source.generate_with(prompt.to(source.device), sampling, stop_ids, turn_seed)
+        generated += source.count(rollout)
+        seconds += rollout.seconds
+        for index, row in enumerate(live):
+            trace = traces[row]
+            ids = rollout.completion_ids[index][rollout.completion_mask[index]].tolist()[: room[row]]
+            trace.extend(ids, by_model=True)
+            trace.turn_ids.append(ids)
+            trace.turns = turn + 1
+            _finish_turn(env, trace, ids, fmt, source.eos_ids, budget, last_turn=turn + 1 == env.max_turns)
+    return EpisodeRun(traces, generated, seconds)
+
+
+def _finish_turn(
+    environment: Environment,
+    trace: EpisodeTrace,
+    ids: list[int],
+    fmt: ToolFormat | None,
+    eos_ids: Sequence[int],
+    budget: int,
+    last_turn: bool,
+) -> None:
+    if ids and ids[-1] in eos_ids:
+        trace.done = True  # the final answer
+        return
+    call = fmt.call_text(ids) if fmt is not None else None
+    if call is None or last_turn:
+        # The budget ran out mid-turn, or the turn limit came with a call still open: not finished.
+        trace.done = trace.truncated = True
+        return
+    result = environment.toolbox.call(call)
+    trace.calls.append(result)
+    response = fmt.response_ids(result.response)
+    if len(trace.ids) + len(response) >= budget:
+        trace.done = trace.truncated = True
+        return
+    trace.extend(response, by_model=False)
 
 
 class MultiTurnSampler(Sampler):
@@ -59,66 +146,14 @@ class MultiTurnSampler(Sampler):
         self.traces: list[EpisodeTrace] = []  # the last step's episodes, for records and tests
 
     def contexts_for(self, contexts: ContextRenderer) -> ContextRenderer:
-        schemas = self.environment.toolbox.schemas()
-        if schemas:
-            ToolFormat(
-                contexts.tokenizer, schemas, contexts.student_enable_thinking
-            )  # refuse before training
-        return contexts.with_tools(schemas) if schemas else contexts
+        return environment_contexts(self.environment, contexts)
 
     def sample(self, batch: Mapping, source: RolloutSource, seed: int) -> Episodes:
-        env, tokenizer = self.environment, source.tokenizer
         problems = repeat_rows(batch["problem"], self.group_size)
         prompt_ids = [source.contexts.student_ids(p) for p in problems]
-        schemas = env.toolbox.schemas()
-        fmt = ToolFormat(tokenizer, schemas, source.contexts.student_enable_thinking) if schemas else None
-        budget = env.max_tokens or source.sampling.max_new_tokens
-        stop_ids = [*source.eos_ids, *([fmt.close_id] if fmt else [])]
-        traces = [EpisodeTrace() for _ in problems]
-        generated, seconds = 0, 0.0
-        for turn in range(env.max_turns):
-            live = [row for row, trace in enumerate(traces) if not trace.done]
-            if not live:
-                break
-            room = {row: budget - len(traces[row].ids) for row in live}
-            sampling = replace(source.sampling, max_new_tokens=max(room.values()))
-            prompt = left_pad([prompt_ids[r] + traces[r].ids for r in live], tokenizer.pad_token_id)
-            rollout = source.generate_with(prompt.to(source.device), sampling, stop_ids, seed + 7919 * turn)
-            generated += source.count(rollout)
-            seconds += rollout.seconds
-            for index, row in enumerate(live):
-                trace = traces[row]
-                ids = rollout.completion_ids[index][rollout.completion_mask[index]].tolist()[: room[row]]
-                trace.extend(ids, by_model=True)
-                trace.turns = turn + 1
-                self._finish_turn(trace, ids, fmt, source, budget, last_turn=turn + 1 == env.max_turns)
-        self.traces = traces
-        return self._episodes(batch, problems, prompt_ids, traces, source, generated, seconds)
-
-    def _finish_turn(
-        self,
-        trace: EpisodeTrace,
-        ids: list[int],
-        fmt: ToolFormat | None,
-        source: RolloutSource,
-        budget: int,
-        last_turn: bool,
-    ) -> None:
-        if ids and ids[-1] in source.eos_ids:
-            trace.done = True  # the final answer
-            return
-        call = fmt.call_text(ids) if fmt is not None else None
-        if call is None or last_turn:
-            # The budget ran out mid-turn, or the turn limit came with a call still open: not finished.
-            trace.done = trace.truncated = True
-            return
-        result = self.environment.toolbox.call(call)
-        trace.calls.append(result)
-        response = fmt.response_ids(result.response)
-        if len(trace.ids) + len(response) >= budget:
-            trace.done = trace.truncated = True
-            return
-        trace.extend(response, by_model=False)
+        run = run_episodes(self.environment, prompt_ids, source, seed)
+        self.traces = run.traces
+        return self._episodes(batch, problems, prompt_ids, run.traces, source, run.generated, run.seconds)
 
     def _episodes(
         self, batch, problems, prompt_ids, traces, source: RolloutSource, generated: int, seconds: float
@@ -157,12 +192,7 @@ class MultiTurnSampler(Sampler):
             seconds=seconds,
         )
         answers = repeat_rows(episodes.answers, self.group_size)
-        texts = [
-            source.tokenizer.decode(
-                [i for i, m in zip(t.ids, t.model, strict=True) if m], skip_special_tokens=True
-            )
-            for t in traces
-        ]
+        texts = [trace.text(source.tokenizer) for trace in traces]
         rewards = torch.tensor([self.environment.reward(x, a) for x, a in zip(texts, answers, strict=True)])
         if self.group_size > 1:
             episodes.rewards = rewards.float().to(device)

@@ -114,7 +114,8 @@ class OnPolicyModule(OptimizerStepper):
         self.terms = nn.ModuleList(active_terms(terms, self.sampler))
         self.sampling = build_settings(SamplingConfig, sampling, "algorithm.sampling")
         self.engine = engine if engine is not None else HFEngine()
-        self.evaluation = BenchmarkEvaluation(as_settings(evaluation), benchmarks)
+        environment = getattr(self.sampler, "environment", None)  # a multi-turn run evaluates episodes
+        self.evaluation = BenchmarkEvaluation(as_settings(evaluation), benchmarks, environment)
         self.seed = seed
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.needs_teacher = any(term.needs_teacher for term in self.terms)
