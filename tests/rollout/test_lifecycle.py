@@ -58,3 +58,18 @@ def test_a_loaded_checkpoint_makes_the_engine_stale(fresh_tiny, tmp_path):
     assert engine.notices_at_generate[0] == 1  # the checkpoint's weights reach the first rollout
     assert engine.notices == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_validate_then_fit_on_one_trainer_attaches_the_callback_once(fresh_tiny, tmp_path, caplog):
+    """`opsd-train` validates the base, then fits, on one trainer: the callback is attached once (no
+    "will override existing callbacks" notice in the run's output) and still tells the engine."""
+    engine = RecordingEngine()
+    module = opsd_module(fresh_tiny, engine=engine, evaluation={"sampling": {"max_new_tokens": 2}})
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=1)
+    data = ArithDataModule(train_size=16, val_size=4, batch_size=2, seed=0)
+    with caplog.at_level("INFO"):
+        trainer.validate(module, datamodule=data, verbose=False)
+        trainer.fit(module, datamodule=data)
+    assert sum(isinstance(c, EngineLifecycle) for c in trainer.callbacks) == 1
+    assert "override existing callbacks" not in caplog.text
+    assert engine.notices == 2

@@ -266,7 +266,14 @@ class OnPolicyModule(OptimizerStepper):
         self._log_eval_metrics("test")
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [EngineLifecycle(self.engine)]
+        # Lightning asks again at every fit/validate/test on the same trainer; attaching it once keeps its
+        # "callbacks ... will override existing callbacks" notice out of the run's output.
+        trainer = self._trainer
+        attached = trainer is not None and any(
+            isinstance(callback, EngineLifecycle) and callback.engine is self.engine
+            for callback in trainer.callbacks
+        )
+        return [] if attached else [EngineLifecycle(self.engine)]
 
 
 def active_terms(terms: Sequence[ObjectiveTerm], sampler: Sampler) -> list[ObjectiveTerm]:
