@@ -35,7 +35,8 @@ experiment: $(STAMP)
 	@test -f experiments/$(NAME)/run.sh || { echo "experiments/$(NAME)/run.sh does not exist"; exit 2; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash experiments/$(NAME)/run.sh $(ARGS)
 
-# CPU benchmark (not part of the tests): the chunked loss vs a naive one, and one OPSD step (~5 min)
+# CPU benchmark: the chunked loss vs a naive one, one OPSD step, hf vs vllm generation at a ~100M-parameter
+# Qwen3 shape (tens of minutes on 2 shared cores). tests/test_bench.py runs it in --smoke mode.
 bench: $(STAMP)
 	$(PY) experiments/bench/cpu_bench.py --out experiments/bench/cpu.json
 

@@ -13,11 +13,15 @@ It measures, side by side in one process and on one GPU (docs/performance.md has
   fp32 logits per chunk of positions, gradients formed chunk by chunk);
 - rollouts with this project's `generate_rollouts` at batch 64 x 256 new tokens, with the default dynamic
   KV cache and with `cache_implementation=static`.
+
+`--smoke` runs every part on the CPU with a tiny Qwen3 (float32) and a few tokens, strictly (an error stops
+it instead of being recorded), so a test checks the script: `python experiments/bench/gpu_bench.py --smoke`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -37,16 +41,23 @@ BETA, TEMPERATURE = 0.5, 1.1
 RESULTS: list[dict] = []
 
 
-def record(out: Path, **row) -> None:
-    print(json.dumps(row), flush=True)
-    RESULTS.append(row)
-    out.write_text(json.dumps(RESULTS, indent=1))
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where and at what shape one run measures: the GPU run, or the CPU smoke run."""
+
+    device: str
+    dtype: torch.dtype
+    model: dict  # Qwen3Config's sizes
+    step: tuple[int, int, int]  # student prompt, teacher prompt, completion tokens
+    rollout: tuple[int, int, int]  # batch, prompt tokens, new tokens
+    numerics: tuple[int, int]  # tokens, chunk size
+    strict: bool  # an error stops the run (smoke) instead of being recorded
 
 
-def build_model(attn: str):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
+GPU_PLAN = Plan(
+    device="cuda",
+    dtype=torch.bfloat16,
+    model=dict(
         vocab_size=151936,
         hidden_size=2048,
         intermediate_size=6144,
@@ -55,18 +66,61 @@ def build_model(attn: str):
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=40960,
-        tie_word_embeddings=True,
-        rope_theta=1e6,
-    )
+    ),
+    step=(256, 1280, 2048),
+    rollout=(64, 256, 256),
+    numerics=(300, 128),
+    strict=False,
+)
+SMOKE_PLAN = Plan(
+    device="cpu",
+    dtype=torch.float32,
+    model=dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+    ),
+    step=(8, 16, 16),
+    rollout=(2, 8, 4),
+    numerics=(16, 8),
+    strict=True,
+)
+
+
+def synchronize(plan: Plan) -> None:
+    if plan.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def record(out: Path, **row) -> None:
+    print(json.dumps(row), flush=True)
+    RESULTS.append(row)
+    out.write_text(json.dumps(RESULTS, indent=1))
+
+
+def build_model(plan: Plan, attn: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**plan.model, tie_word_embeddings=True, rope_theta=1e6)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        return Qwen3ForCausalLM(config).to(torch.bfloat16)
+    with torch.device(plan.device):
+        return Qwen3ForCausalLM(config).to(plan.dtype)
 
 
-def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: int, warm_calls: int) -> None:
+def random_ids(plan: Plan, *shape: int) -> torch.Tensor:
+    return torch.randint(10, plan.model["vocab_size"] - 10, shape, device=plan.device)
+
+
+def bench_rollouts(model, out: Path, plan: Plan, warm_calls: int) -> None:
     model.eval()
-    prompt = torch.randint(10, 150000, (batch, prompt_len), device="cuda")
+    batch, prompt_len, new_tokens = plan.rollout
+    prompt = random_ids(plan, batch, prompt_len)
     tokens = TokenBatch(prompt, torch.ones_like(prompt))
     for cache in (None, "static"):
         sampling = SamplingConfig(
@@ -74,11 +128,11 @@ def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: in
         )
         try:
             for attempt in ["first"] + [f"warm{i + 1}" for i in range(warm_calls)]:
-                torch.cuda.synchronize()
+                synchronize(plan)
                 start = time.perf_counter()
-                # An EOS id the random model practically never samples: every row runs the full budget.
-                rollout = generate_rollouts(model, tokens, sampling, [151_935], 0, seed=0)
-                torch.cuda.synchronize()
+                # No EOS id: every row runs the full budget.
+                rollout = generate_rollouts(model, tokens, sampling, [], 0, seed=0)
+                synchronize(plan)
                 seconds = time.perf_counter() - start
                 record(
                     out,
@@ -92,9 +146,10 @@ def bench_rollouts(model, out: Path, batch: int, prompt_len: int, new_tokens: in
                     tokens_per_s=round(rollout.num_tokens / seconds, 1),
                 )
         except Exception as error:  # noqa: BLE001 - a failing variant is reported, the bench goes on
+            if plan.strict:
+                raise
             record(out, what="rollout", cache=cache or "dynamic", error=repr(error)[:300])
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory(plan)
 
 
 def naive_jsd(peft_model, student_ids, teacher_ids, student_prompt, teacher_prompt, labels):
@@ -138,16 +193,23 @@ def make_chunked(chunk_size: int):
     return chunked_jsd
 
 
-def check_numerics(out: Path) -> None:
+def free_memory(plan: Plan) -> None:
+    gc.collect()
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def check_numerics(out: Path, plan: Plan) -> None:
     """The chunked loss on a bf16 CUDA weight (float32 logits via mm's out_dtype) vs float32 naive."""
     torch.manual_seed(0)
-    hidden, vocab, tokens = 2048, 151936, 300
-    weight = (0.02 * torch.randn(vocab, hidden, device="cuda")).to(torch.bfloat16)
-    student = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    teacher = (student.detach().float() + 0.5 * torch.randn_like(student.float())).to(torch.bfloat16)
-    token_ids = torch.randint(0, vocab, (tokens,), device="cuda")
+    hidden, vocab = plan.model["hidden_size"], plan.model["vocab_size"]
+    tokens, chunk_size = plan.numerics
+    weight = (0.02 * torch.randn(vocab, hidden, device=plan.device)).to(plan.dtype)
+    student = torch.randn(tokens, hidden, device=plan.device, dtype=plan.dtype).requires_grad_()
+    teacher = (student.detach().float() + 0.5 * torch.randn_like(student.float())).to(plan.dtype)
+    token_ids = torch.randint(0, vocab, (tokens,), device=plan.device)
     divergence = GeneralizedJSD(beta=BETA, temperature=TEMPERATURE)
-    loss = chunked_divergence_sum(student, teacher, weight, token_ids, divergence, chunk_size=128)
+    loss = chunked_divergence_sum(student, teacher, weight, token_ids, divergence, chunk_size=chunk_size)
     (grad,) = torch.autograd.grad(loss, student)
     reference_student = student.detach().float().requires_grad_()
     fp32 = (teacher.float(), weight.float(), token_ids, divergence)
@@ -163,33 +225,32 @@ def check_numerics(out: Path) -> None:
     )
 
 
-def bench_step(peft_model, optimizer, out: Path, name: str, loss_fn, batch: int, repeats: int) -> None:
-    student_prompt, teacher_prompt, completion = 256, 1280, 2048
+def bench_step(peft_model, optimizer, out: Path, plan: Plan, name: str, loss_fn, batch: int, repeats: int):
+    student_prompt, teacher_prompt, completion = plan.step
+    cuda = plan.device == "cuda"
     try:
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        student_ids = torch.randint(10, 150000, (batch, student_prompt + completion), device="cuda")
-        teacher_ids = torch.cat(
-            [
-                torch.randint(10, 150000, (batch, teacher_prompt), device="cuda"),
-                student_ids[:, student_prompt:],
-            ],
-            1,
-        )
+        free_memory(plan)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        student_ids = random_ids(plan, batch, student_prompt + completion)
+        teacher_ids = torch.cat([random_ids(plan, batch, teacher_prompt), student_ids[:, student_prompt:]], 1)
         labels = student_ids[:, student_prompt:].clone()
         times = []
         for _ in range(repeats + 1):
-            torch.cuda.synchronize()
+            synchronize(plan)
             start = time.perf_counter()
             loss = loss_fn(peft_model, student_ids, teacher_ids, student_prompt, teacher_prompt, labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            synchronize(plan)
             times.append(time.perf_counter() - start)
         step = statistics.median(times[1:])
+        memory = {}
+        if cuda:  # the CPU smoke has no allocator statistics
+            peak = torch.cuda.max_memory_allocated()
+            memory = {"peak_gib": round(peak / 2**30, 2), "over_start_gib": round((peak - before) / 2**30, 2)}
         record(
             out,
             what="train_step",
@@ -199,44 +260,55 @@ def bench_step(peft_model, optimizer, out: Path, name: str, loss_fn, batch: int,
             loss_value=round(float(loss), 5),
             step_s=round(step, 3),
             completion_tokens_per_s=round(batch * completion / step, 1),
-            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            over_start_gib=round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+            **memory,
         )
     except torch.OutOfMemoryError:
         record(out, what="train_step", loss=name, batch=batch, error="out of memory")
     except Exception as error:  # noqa: BLE001
+        if plan.strict:
+            raise
         record(out, what="train_step", loss=name, batch=batch, error=repr(error)[:300])
     finally:
         optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory(plan)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_bench.json")
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[256, 1024])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=None, help="default: 256 1024")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--skip-rollouts", action="store_true")
-    parser.add_argument("--rollout-warm-calls", type=int, default=3)
-    parser.add_argument("--batches", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--rollout-warm-calls", type=int, default=None, help="default: 3")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 2 8")
+    parser.add_argument("--smoke", action="store_true", help="every part on the CPU, tiny shapes, strict")
     args = parser.parse_args()
+    plan = SMOKE_PLAN if args.smoke else GPU_PLAN
+    # The smoke run's own defaults: chunks that split its 16 completion tokens, one of everything.
+    defaults = (
+        {"chunk_sizes": [8], "repeats": 1, "rollout_warm_calls": 1, "batches": [2]}
+        if args.smoke
+        else {"chunk_sizes": [256, 1024], "repeats": 3, "rollout_warm_calls": 3, "batches": [2, 8]}
+    )
+    for option, value in defaults.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = build_model(args.attn)
+    model = build_model(plan, args.attn)
     record(
         args.out,
         what="setup",
-        gpu=torch.cuda.get_device_name(),
+        gpu=torch.cuda.get_device_name() if plan.device == "cuda" else "cpu (smoke)",
         torch=torch.__version__,
-        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+        params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 6),
         chunk_sizes=args.chunk_sizes,
         init_s=round(time.perf_counter() - start, 1),
     )
-    check_numerics(args.out)
+    check_numerics(args.out, plan)
     if not args.skip_rollouts:
-        bench_rollouts(model, args.out, 64, 256, 256, warm_calls=args.rollout_warm_calls)
+        bench_rollouts(model, args.out, plan, warm_calls=args.rollout_warm_calls)
 
     from peft import LoraConfig, get_peft_model
 
@@ -250,10 +322,11 @@ def main() -> None:
     peft_model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
     for batch in args.batches:
-        bench_step(peft_model, optimizer, args.out, "naive", naive_jsd, batch, args.repeats)
+        bench_step(peft_model, optimizer, args.out, plan, "naive", naive_jsd, batch, args.repeats)
         for chunk_size in args.chunk_sizes:
             name = f"chunked_{chunk_size}"
-            bench_step(peft_model, optimizer, args.out, name, make_chunked(chunk_size), batch, args.repeats)
+            chunked = make_chunked(chunk_size)
+            bench_step(peft_model, optimizer, args.out, plan, name, chunked, batch, args.repeats)
     record(args.out, what="done", total_s=round(time.perf_counter() - start, 1))
 
 

@@ -9,6 +9,7 @@ context) in a Lightning `Trainer` on one GPU:
 Prints and writes (`--out`) peak GPU memory, step times and rollout tokens/s.
 
     python experiments/bench/gpu_opsd_step.py --tokenizer <qwen3 tokenizer folder> --out gpu_opsd_step.json
+    python experiments/bench/gpu_opsd_step.py --smoke --out <file.json> --workdir <dir>   # CPU (a test)
 """
 
 from __future__ import annotations
@@ -64,13 +65,16 @@ class Timing(L.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--tokenizer", help="a Qwen3 tokenizer folder (with --smoke: the local tiny one)")
     parser.add_argument("--out", type=Path, default=Path("gpu_opsd_step.json"))
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 (8 with --smoke)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gpu_opsd_step"))
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on CPU, to check the script")
     args = parser.parse_args()
+    if not args.smoke and args.tokenizer is None:
+        parser.error("--tokenizer is required without --smoke (a Qwen3 tokenizer folder)")
+    args.max_new_tokens = args.max_new_tokens or (8 if args.smoke else 256)
     start = time.perf_counter()
     shape = dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144)
     if args.smoke:

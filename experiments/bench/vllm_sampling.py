@@ -52,7 +52,8 @@ SMOKE = Plan(vocab_size=1024, hidden_size=64, num_layers=1, num_heads=2, prompts
 
 
 def build_model(plan: Plan) -> torch.nn.Module:
-    """A Qwen3 with random weights; head dimension hidden / heads (32 or 64: vLLM's CPU attention)."""
+    """A Qwen3 with random weights; head dimension hidden / heads (32 or 64: vLLM's CPU attention). Also
+    `cpu_bench.py`'s section (c) model."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
@@ -68,6 +69,12 @@ def build_model(plan: Plan) -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return Qwen3ForCausalLM(config).eval()
+
+
+def random_prompt_ids(plan: Plan, length: int = 16) -> list[list[int]]:
+    """`plan.prompts` prompts of `length` random ids (seeded): a random model has no text to read."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, plan.vocab_size, (plan.prompts, length), generator=generator).tolist()
 
 
 def settings(plan: Plan) -> dict:
@@ -112,8 +119,7 @@ def measure(plan: Plan) -> dict:
     engine = VLLMEngine(
         kv_cache_memory_bytes=2**30, max_num_seqs=plan.prompts, max_model_len=512, enforce_eager=True
     )
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, plan.vocab_size, (plan.prompts, 16), generator=generator).tolist()
+    ids = random_prompt_ids(plan)
     prompts = [TokensPrompt(prompt_token_ids=row) for row in ids]
     start = time.perf_counter()
     first = SamplingConfig(temperature=0.0, max_new_tokens=1)
