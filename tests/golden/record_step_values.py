@@ -129,6 +129,9 @@ OVERRIDE_TRANSLATIONS: dict[str, tuple[str, ...]] = {
     "algorithm.privileged_context=own_rollout": ("teacher_context=own_rollout",),
     "algorithm.no_correct_rollout=reference": ("teacher_context.no_correct_rollout=reference",),
     "teacher.privileged_context=false": ("teacher_context=student",),
+    # Issue 20: the tiny default's heads became 32 wide (2 heads, 1 KV head). `teacher=model` builds its
+    # teacher from the tiny defaults, which had 16-wide heads (4 heads, 2 KV heads) when these were recorded.
+    "teacher=model": ("teacher=model", "teacher.model.num_heads=4", "teacher.model.num_kv_heads=2"),
 }
 
 
