@@ -27,19 +27,24 @@ def numbers(tree, path=()):
         yield path, tree
 
 
-@pytest.mark.slow  # 109 s (216 s when other jobs loaded the 2 cores ~6x over): make test-all
-@needs_vllm
-def test_gpu_rollout_smoke_measures_every_section(tmp_path):
-    out = tmp_path / "gpu_rollout.json"
-    script = BENCH / "gpu_rollout.py"
+def run_script(script: str, arguments: list[str], tmp_path) -> dict:
+    """`experiments/bench/<script>` with `arguments` in a subprocess: it must exit 0; its JSON."""
+    out = tmp_path / "out.json"
     run = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        [sys.executable, str(BENCH / script), *arguments, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow  # 109 s (216 s when other jobs loaded the 2 cores ~6x over): make test-all
+@needs_vllm
+def test_gpu_rollout_smoke_measures_every_section(tmp_path):
+    results = run_script("gpu_rollout.py", ["--smoke"], tmp_path)
     rollouts = results["rollouts"]
     engines = ("hf_dynamic", "hf_static", "vllm")
     assert all(f"{engine}_b{batch}" in rollouts for engine in engines for batch in (4, 8))
@@ -139,22 +144,8 @@ def test_every_bench_script_is_smoke_tested():
 def test_bench_script_smoke_runs(script, tmp_path):
     """Each script at tiny shapes in a subprocess: it exits 0 and measures positive numbers."""
     arguments, measured = SMOKES[script]
-    out = tmp_path / "out.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / script),
-            *(a.format(tmp=tmp_path) for a in arguments),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    values = [value for group in measured(json.loads(out.read_text())) for _, value in group]
+    results = run_script(script, [a.format(tmp=tmp_path) for a in arguments], tmp_path)
+    values = [value for group in measured(results) for _, value in group]
     assert values and all(value > 0 for value in values), values
 
 
@@ -176,16 +167,7 @@ def test_cpu_bench_rollout_section_with_vllm(monkeypatch):
 @pytest.mark.slow  # ~50 s on 2 cores (vLLM's start-up): make test-all
 @needs_vllm
 def test_vllm_sampling_smoke_times_every_setting(tmp_path):
-    out = tmp_path / "vllm_sampling.json"
-    script = BENCH / "vllm_sampling.py"
-    run = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    settings = json.loads(out.read_text())["settings"]
+    settings = run_script("vllm_sampling.py", ["--smoke"], tmp_path)["settings"]
     assert {
         "greedy",
         "recipe_vllm_native",
