@@ -244,7 +244,27 @@ class OneRankWithoutReferences(ShardedRows):
         return DataLoader(rows, batch_size=len(rows), collate_fn=collate_raw_text)
 
 
-def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+class OneRankWithoutSolutionKey(ShardedRows):
+    """Rank 1's batches lack the `solution` key: refused before sampling (its token count is a collective)."""
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank
+
+        def collate(rows):
+            batch = collate_raw_text(rows)
+            return {k: v for k, v in batch.items() if k != "solution"} if rank == 1 else batch
+
+        return DataLoader(ROWS[:2], batch_size=2, collate_fn=collate)
+
+
+@pytest.mark.parametrize(
+    ("datamodule", "message"),
+    [
+        (OneRankWithoutReferences, "a training problem has no reference"),
+        (OneRankWithoutSolutionKey, r"a training batch has keys \['answer', 'problem'\]"),
+    ],
+)
+def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path, datamodule, message):
     """Without the collective decision rank 0 would wait for rank 1 in the next all-reduce until the
     process-group timeout (set short here, so a regression fails instead of hanging)."""
     import datetime
@@ -255,5 +275,5 @@ def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     trainer = quiet_trainer(
         tmp_path, devices=2, strategy=strategy, max_steps=1, use_distributed_sampler=False
     )
-    with pytest.raises(Exception, match=r"rank 1 \(of 1 refusing\): a training problem has no reference"):
-        trainer.fit(opsd_module(build_small_tiny()), datamodule=OneRankWithoutReferences())
+    with pytest.raises(Exception, match=r"rank 1 \(of 1 refusing\): " + message):
+        trainer.fit(opsd_module(build_small_tiny()), datamodule=datamodule())

@@ -153,11 +153,12 @@ class OnPolicyModule(OptimizerStepper):
         seed = self.rollout_seed(micro_index)
 
         def sample() -> tuple[Episodes, TeacherPrompts | None]:
-            check_raw_batch(batch)
             episodes = self.sampler.sample(batch, self.rollout_source(), seed)
             return episodes, self.teacher_prompts(batch, episodes, seed) if self.needs_teacher else None
 
-        # Under DDP a refusal on one rank is raised on every rank: alone, it would hang the others.
+        # Under DDP a refusal on one rank is raised on every rank: alone, it would hang the others. The batch
+        # is checked in a phase of its own, before sampling's collectives (the token count's all-reduce).
+        refuse_together(lambda: check_raw_batch(batch))
         episodes, prompts = refuse_together(sample)
         slices = self.steps.row_slices(len(episodes))
         loss_sum = torch.zeros((), device=self.device)
