@@ -40,6 +40,16 @@ def tiny():
     return build_tiny(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
 
 
+# A tiny Qwen3 with 32-wide heads (64 / 2), the smallest vLLM's CPU attention takes: the vLLM tests' model.
+VLLM_TINY_SHAPE = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "intermediate_size": 128,
+}
+
+
 def build_small_tiny():
     """The tests' tiny random Qwen3 (hidden 32, 2 layers) with the locally built tokenizer, seed 0."""
     from opsd_lightning.models import build_tiny

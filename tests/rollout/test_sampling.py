@@ -20,9 +20,9 @@ from opsd_lightning.models import build_tiny, eos_token_ids, load_pretrained, sa
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts
 from opsd_lightning.rollout.core import top_k_top_p_filter
 from opsd_lightning.rollout.vllm import engine_dtype
+from tests.conftest import VLLM_TINY_SHAPE
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-TINY_SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 PROMPT = [5, 6, 7, 8]
 
 
@@ -63,7 +63,7 @@ def test_the_engine_dtype_follows_the_trainer_precision(dtype, precision, parame
 
 
 def test_hf_generation_ignores_a_checkpoints_generation_settings(tmp_path):
-    loaded = build_tiny(**TINY_SHAPE, seed=3)
+    loaded = build_tiny(**VLLM_TINY_SHAPE, seed=3)
     loaded.model.generation_config.repetition_penalty = 2.0
     loaded.model.generation_config.no_repeat_ngram_size = 1
     folder = save_pretrained(loaded, tmp_path / "ckpt")
@@ -94,7 +94,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def model():
-    return build_tiny(**TINY_SHAPE, seed=4)
+    return build_tiny(**VLLM_TINY_SHAPE, seed=4)
 
 
 def vllm_rollout(engine, loaded, prompts, sampling, seed=0):

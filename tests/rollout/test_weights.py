@@ -19,9 +19,8 @@ from opsd_lightning.models.lora import apply_peft
 from opsd_lightning.rollout import SamplingConfig, generate_rollouts
 from opsd_lightning.rollout.sync import WeightSyncError, check_sync, recorded
 from opsd_lightning.rollout.weights import checkpoint_shapes, engine_weights
+from tests.conftest import VLLM_TINY_SHAPE
 
-# Head dimension 64 / 2 = 32, one that vLLM's CPU attention accepts.
-SHAPE = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 128}
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 # LoRA with its own bias, on the layers that have a bias to merge it into.
 BIASED = {"lora_bias": True, "target_modules": ["q_proj", "k_proj", "v_proj"], "modules_to_save": ["lm_head"]}
@@ -32,14 +31,14 @@ def untied(seed: int, architecture: str = "qwen2") -> LoadedModel:
     """A tiny model with its own output layer (tie_word_embeddings=false, like Qwen3-8B) and biased attention
     projections, every weight and bias random: a Qwen2 (q, k, v biased) or a Qwen3 with attention_bias=true
     (q, k, v and o biased; vLLM's Qwen3 has no o_proj bias)."""
-    tiny = build_tiny(**SHAPE, seed=seed)
+    tiny = build_tiny(**VLLM_TINY_SHAPE, seed=seed)
     common = {
         "vocab_size": tiny.model.config.vocab_size,
-        "hidden_size": SHAPE["hidden_size"],
-        "intermediate_size": SHAPE["intermediate_size"],
-        "num_hidden_layers": SHAPE["num_layers"],
-        "num_attention_heads": SHAPE["num_heads"],
-        "num_key_value_heads": SHAPE["num_kv_heads"],
+        "hidden_size": VLLM_TINY_SHAPE["hidden_size"],
+        "intermediate_size": VLLM_TINY_SHAPE["intermediate_size"],
+        "num_hidden_layers": VLLM_TINY_SHAPE["num_layers"],
+        "num_attention_heads": VLLM_TINY_SHAPE["num_heads"],
+        "num_key_value_heads": VLLM_TINY_SHAPE["num_kv_heads"],
         "tie_word_embeddings": False,
         "eos_token_id": tiny.tokenizer.eos_token_id,
         "pad_token_id": tiny.tokenizer.pad_token_id,
@@ -74,7 +73,7 @@ def sent(model) -> dict[str, torch.Tensor]:
 
 
 def test_the_names_and_shapes_sent_are_a_checkpoints_each_once():
-    tied = build_tiny(**SHAPE, seed=0)
+    tied = build_tiny(**VLLM_TINY_SHAPE, seed=0)
     cases = {
         "tied": tied.model,
         "untied": untied(0).model,
@@ -111,7 +110,7 @@ def test_lora_with_a_bias_and_a_saved_head_is_sent_as_peft_merges_it():
 
 
 def test_what_cannot_be_sent_faithfully_is_refused_naming_the_option():
-    tied = build_tiny(**SHAPE, seed=0)
+    tied = build_tiny(**VLLM_TINY_SHAPE, seed=0)
     with pytest.raises(ValueError, match=r"peft.target_modules adapts model.embed_tokens.*lm_head.*tie_word"):
         sent(with_adapters(tied, 1, target_modules=["embed_tokens", "q_proj"]).model)
     with pytest.raises(ValueError, match=r"peft.modules_to_save adapts lm_head.*tie_word"):
