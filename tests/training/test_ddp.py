@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader
 
 from opsd_lightning.data.arith import generate_examples
 from opsd_lightning.data.datamodule import collate_raw_text
-from tests.conftest import build_small_tiny, opsd_module, quiet_trainer
+from opsd_lightning.objectives import Distill, ForwardKL
+from opsd_lightning.rollout.samplers import SingleSampler
+from tests.conftest import build_small_tiny, opsd_module, policy_module, quiet_trainer
 
 ROWS = generate_examples(4, seed=0, num_steps=(2, 3), max_start=12, max_change=6)
 
@@ -40,7 +42,11 @@ class RecordRank(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         loss = trainer.callback_metrics["train/loss"].item()
-        torch.save({"state": state, "loss": loss}, self.folder / f"rank-{trainer.global_rank}.pt")
+        generated = pl_module.generated_tokens
+        torch.save(
+            {"state": state, "loss": loss, "generated": generated},
+            self.folder / f"rank-{trainer.global_rank}.pt",
+        )
 
 
 def train_one_step(folder: Path, devices: int) -> None:
@@ -79,6 +85,8 @@ def test_ddp_token_mean_matches_one_process_on_the_concatenated_batch(tmp_path):
     # ~1e-4 per token (a KL of two close distributions), where float32 cancellation leaves ~1e-5 relative.
     assert ranks[0]["loss"] == ranks[1]["loss"]
     assert ranks[0]["loss"] == pytest.approx(single["loss"], rel=1e-3)
+    # The generated tokens are counted over both ranks (summed at the optimizer step), as in one process.
+    assert ranks[0]["generated"] == ranks[1]["generated"] == single["generated"] > 0
     moved = 0
     for name, value in single["state"].items():
         torch.testing.assert_close(ranks[0]["state"][name], ranks[1]["state"][name], rtol=0, atol=0)
@@ -245,7 +253,7 @@ class OneRankWithoutReferences(ShardedRows):
 
 
 class OneRankWithoutSolutionKey(ShardedRows):
-    """Rank 1's batches lack the `solution` key: refused before sampling (its token count is a collective)."""
+    """Rank 1's batches lack the `solution` key: refused in a phase of its own, before sampling."""
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank
@@ -257,14 +265,25 @@ class OneRankWithoutSolutionKey(ShardedRows):
         return DataLoader(ROWS[:2], batch_size=2, collate_fn=collate)
 
 
+class RefusesOnRankOne(SingleSampler):
+    """A sampler that refuses before generating, on rank 1 only: rank 0 generates and counts its tokens."""
+
+    def sample(self, batch, source, seed):
+        if torch.distributed.get_rank() == 1:
+            raise ValueError("rank 1's sampler refuses this batch")
+        return super().sample(batch, source, seed)
+
+
 @pytest.mark.parametrize(
-    ("datamodule", "message"),
+    ("datamodule", "sampler", "message"),
     [
-        (OneRankWithoutReferences, "a training problem has no reference"),
-        (OneRankWithoutSolutionKey, r"a training batch has keys \['answer', 'problem'\]"),
+        (OneRankWithoutReferences, None, "a training problem has no reference"),
+        (OneRankWithoutSolutionKey, None, r"a training batch has keys \['answer', 'problem'\]"),
+        (ShardedRows, RefusesOnRankOne(), "rank 1's sampler refuses this batch"),
     ],
+    ids=["no-reference", "no-solution-key", "sampler-refuses"],
 )
-def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path, datamodule, message):
+def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path, datamodule, sampler, message):
     """Without the collective decision rank 0 would wait for rank 1 in the next all-reduce until the
     process-group timeout (set short here, so a regression fails instead of hanging)."""
     import datetime
@@ -275,5 +294,8 @@ def test_a_refusal_on_one_rank_stops_every_rank_with_its_message(tmp_path, datam
     trainer = quiet_trainer(
         tmp_path, devices=2, strategy=strategy, max_steps=1, use_distributed_sampler=False
     )
+    loaded = build_small_tiny()
+    terms = [Distill(ForwardKL())]
+    module = opsd_module(loaded) if sampler is None else policy_module(loaded, terms, sampler)
     with pytest.raises(Exception, match=r"rank 1 \(of 1 refusing\): " + message):
-        trainer.fit(opsd_module(build_small_tiny()), datamodule=datamodule())
+        trainer.fit(module, datamodule=datamodule())

@@ -30,7 +30,7 @@ class Episodes:
     `rewards` / `advantages`: `[R]` float32 when graded (group samplers), else None.
     `sampler_logprobs`: log q of each completion token under the engine that sampled it `[R, Lc]` (the
         rollout's, see `Rollout`), else None.
-    `generated`: tokens generated for these episodes over all ranks; `seconds`: this rank's generation time;
+    `generated`: tokens this rank generated for these episodes; `seconds`: this rank's generation time;
     `sampled`: False for episodes that were not generated (SFT's references).
     `stats`: what the sampler adds to the step's logs.
     """

@@ -25,10 +25,11 @@ from opsd_lightning.rollout.episodes import Episodes, repeat_rows
 
 @dataclass
 class RolloutSource:
-    """What a sampler may use: the renderer, the tokenizer, and `generate(prompt, seed)`, which samples from
-    the policy through the run's engine with the training `sampling` and counts the tokens over all ranks
-    (`count(rollout)` returns that global count). `sampling` and `generate_with(prompt, sampling, stop_ids,
-    seed)` let a multi-turn sampler change the token budget and the stop ids of a turn."""
+    """What a sampler may use: the renderer, the tokenizer, `generate(prompt, seed)`, which samples from the
+    policy through the run's engine with the training `sampling`, and `count(rollout)`, which adds a rollout's
+    tokens to the run's total (returns this rank's count; the optimizer step sums it over ranks). `sampling`
+    and `generate_with(prompt, sampling, stop_ids, seed)` let a multi-turn sampler change the token budget
+    and the stop ids of a turn."""
 
     contexts: ContextRenderer
     tokenizer: PreTrainedTokenizerBase

@@ -157,7 +157,7 @@ class OnPolicyModule(OptimizerStepper):
             return episodes, self.teacher_prompts(batch, episodes, seed) if self.needs_teacher else None
 
         # Under DDP a refusal on one rank is raised on every rank: alone, it would hang the others. The batch
-        # is checked in a phase of its own, before sampling's collectives (the token count's all-reduce).
+        # is checked in a phase of its own, before sampling's collectives (an engine's own prompt check).
         refuse_together(lambda: check_raw_batch(batch))
         episodes, prompts = refuse_together(sample)
         slices = self.steps.row_slices(len(episodes))

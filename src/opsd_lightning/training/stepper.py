@@ -111,7 +111,12 @@ class OptimizerStepper(L.LightningModule):
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         micro_index = batch_idx % self.accumulate_grad_batches
         if micro_index == 0:
-            self._window = {"loss_sum": 0.0, "num_tokens": 0.0, "start": time.perf_counter()}
+            self._window = {
+                "loss_sum": 0.0,
+                "num_tokens": 0.0,
+                "generated": 0.0,
+                "start": time.perf_counter(),
+            }
             self._window_stats = {}
         result = self.micro_batch_loss(batch, micro_index)
         if not result.backward_done:
@@ -142,12 +147,15 @@ class OptimizerStepper(L.LightningModule):
         grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         nonfinite_grads = scaler is None and not gradients_are_finite(grads)
         faults = float(not math.isfinite(self._window["loss_sum"]) or nonfinite_grads)
+        window = self._window
         totals = torch.tensor(
-            [self._window["loss_sum"], self._window["num_tokens"], faults], device=self.device
+            [window["loss_sum"], window["num_tokens"], faults, window.get("generated", 0.0)],
+            device=self.device,
         )
         # Summed over ranks, so every rank takes the same decision about skipping.
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         loss_sum, num_tokens = float(totals[0]), float(totals[1])
+        self.generated_tokens += int(totals[3])  # generated, whether or not the step is skipped
         if totals[2] > 0:
             self._skip_nonfinite_step(optimizer)
             return
@@ -217,13 +225,11 @@ class OptimizerStepper(L.LightningModule):
         return path
 
     def count_generated(self, rollout: Rollout) -> int:
-        """Add this micro-batch's generated tokens, summed over ranks, to the running total."""
-        local = torch.tensor(float(rollout.num_tokens), device=self.device)
-        total = (
-            int(self.trainer.strategy.reduce(local, reduce_op="sum")) if self._trainer else rollout.num_tokens
-        )
-        self.generated_tokens += total
-        return total
+        """Count this rank's generated tokens; returns them. No collective here: the optimizer step sums the
+        window's count over ranks with its other totals, so a rank that refuses a batch before generating
+        never leaves the others waiting in a count's all-reduce."""
+        self._window["generated"] = self._window.get("generated", 0.0) + rollout.num_tokens
+        return rollout.num_tokens
 
     # ---- checkpoint state that is not a tensor ------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
