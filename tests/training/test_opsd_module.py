@@ -4,6 +4,7 @@ fixed teacher untouched; the loss is a token mean over the whole optimizer step.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import lightning as L
 import pytest
@@ -39,8 +40,13 @@ def fit(module, steps: int, tmp_path, batch_size: int = 2) -> L.Trainer:
 def test_fit_changes_the_student_and_leaves_the_fixed_teacher_untouched(fresh_tiny, tmp_path):
     before = {k: v.clone() for k, v in fresh_tiny.model.state_dict().items()}
     module = make_module(fresh_tiny, FixedTeacher())
-    trainer = fit(module, steps=3, tmp_path=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(module, steps=3, tmp_path=tmp_path)
     assert trainer.global_step == 3
+    # The student trains in train mode; the frozen teacher stays in eval, without Lightning's warning.
+    assert fresh_tiny.model.training and not module.teacher.frozen.training
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
     after_student = fresh_tiny.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after_student[k])]
     assert len(changed) > len(before) // 2, "the student should move"

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from opsd_lightning.rollout import Rollout
 from opsd_lightning.training.settings import StepSettings
@@ -89,6 +91,11 @@ class OptimizerStepper(L.LightningModule):
 
     def on_fit_start(self) -> None:
         check_strategy(type(self.trainer.strategy).__name__)
+        # Lightning warns about modules in eval mode before `on_train_start` puts the model in train mode;
+        # what stays in eval then is the frozen teacher's copy, by design. The warning would only alarm.
+        warnings.filterwarnings(
+            "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+        )
 
     def on_train_start(self) -> None:
         # from_pretrained leaves models in eval mode and Lightning keeps modes as it finds them.
