@@ -26,6 +26,8 @@ from opsd_lightning.evaluation.runner import EvalSettings, score_problems
 from opsd_lightning.models import build_tiny, eos_token_ids, load_pretrained, save_pretrained
 from opsd_lightning.models.tiny import build_tiny_tokenizer
 from opsd_lightning.models.tool_warmup import call_text, tools_prompt
+from opsd_lightning.rollout.core import SamplingConfig
+from opsd_lightning.rollout.hf import HFEngine
 from opsd_lightning.rollout.multi_turn import environment_contexts
 from tests.evaluation.test_evaluation import compose_eval
 
@@ -217,6 +219,48 @@ def test_opsd_eval_over_arith_tools_records_every_turn_call_and_response(tool_mo
     assert summary["completion_length"] == pytest.approx(sum(lengths) / len(lengths))
     saved = json.loads((out / "summary.json").read_text())
     assert saved["environment"]["max_turns"] == 4 and saved["benchmarks"]["tools"] == summary
+
+
+class FirstTurnPrompts(HFEngine):
+    """The HF engine, keeping the prompt rows of its first call (an episode's first turn)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: list[list[int]] | None = None
+
+    def generate(self, model, prompt, *args, **kwargs):
+        if self.first is None:
+            self.first = [
+                ids[mask.bool()].tolist()
+                for ids, mask in zip(prompt.input_ids, prompt.attention_mask, strict=True)
+            ]
+        return super().generate(model, prompt, *args, **kwargs)
+
+
+def test_teacher_context_episodes_start_from_the_prompt_with_the_privileged_context(tool_model):
+    """evaluation.context=teacher in an environment (the teacher's accuracy, OPSD's headroom): each episode
+    starts from the teacher's prompt, tools included, with the environment's privileged context."""
+    from opsd_lightning.evaluation.episodes import sample_episodes
+
+    folder, _ = tool_model
+    loaded = load_pretrained(str(folder))
+    environment = ArithToolsEnvironment()
+    contexts = environment_contexts(environment, ContextRenderer(loaded.tokenizer))
+    engine = FirstTurnPrompts()
+    problems, solutions = [PROBLEM_A, PROBLEM_B], ["2+3=5, 5*4=20", "8"]
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    eos = eos_token_ids(loaded.model, loaded.tokenizer)
+    sample_episodes(
+        loaded.model, loaded.tokenizer, contexts, problems, solutions, sampling, eos, 0, engine, environment
+    )
+    expected = [
+        contexts.teacher_ids(problem, environment.privileged_context(problem, solution))
+        for problem, solution in zip(problems, solutions, strict=True)
+    ]
+    assert engine.first == expected
+    assert engine.first != [contexts.student_ids(p) for p in problems]
+    shown = loaded.tokenizer.decode(expected[0])
+    assert "calculator" in shown and "5*4=20" in shown  # the tools and the reference, in the teacher's view
 
 
 def test_training_evaluation_of_an_environment_run_logs_the_tool_metrics(tool_model):
